@@ -1,0 +1,1 @@
+"""Keeps icomm master data in step with Hermes e-commerce sites, as a Dagster code location."""

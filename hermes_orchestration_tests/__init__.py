@@ -1,0 +1,1 @@
+"""Tests of hermes_orchestration, mirroring the package; they read as specifications."""
