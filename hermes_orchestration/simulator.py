@@ -418,6 +418,8 @@ class _Handler(BaseHTTPRequestHandler):
         content_type: str | None = "application/json",
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        # Counted before answering, so a client that has seen the answer also sees it counted.
+        self.server.site.stats.record(self._path or "-", status)
         self.send_response(status)
         if content_type is not None:
             self.send_header("Content-Type", content_type)
@@ -431,7 +433,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and body:
             self.wfile.write(body)
-        self.server.site.stats.record(self._path or "-", status)
 
     def _send_error_json(self, error: _ApiError) -> None:
         self._send(error.status, _error_body(error.code, error.message), headers=error.headers)
