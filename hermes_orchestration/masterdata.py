@@ -1,0 +1,889 @@
+"""Loads validated Hermes clients into the icomm master database, one transaction per partition.
+
+A load copies the partition's valid rows into a temporary table (``COPY`` on PostgreSQL,
+``executemany`` on SQLite) and then merges them with set-based SQL, in one transaction:
+
+1. the master database row is created on first load;
+2. the partition's rejected rows replace the ones stored for it;
+3. each row is written to ``contact_sources`` only if it is newer than the stored version of its
+   client, so that replaying an old partition never overwrites newer data;
+4. the contacts of the changed sources (before and after the change) are recomputed field by
+   field: each field takes the non-empty value of the most recently updated live source (sources
+   updated at the same instant: the greatest value; for ``accepts_marketing``, false). So the
+   live contacts never depend on the order of loads. A contact without live sources is
+   soft-deleted (``deleted_at``), and revived when a live source comes back.
+
+Empty values ('' or an empty JSON object) are stored as null, so they never hide another source's
+value. On PostgreSQL, loads of one master database are serialized by an advisory lock; on SQLite
+by ``BEGIN IMMEDIATE``. Either way concurrent loads give the result of loading one after the other.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import sqlalchemy as sa
+from psycopg import sql as pgsql
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.schema import CreateTable, DropTable
+
+from hermes_orchestration import masterdata_schema as ms
+from hermes_orchestration.masterdata_schema import CONTACT_FIELDS, JSON_FIELDS, UtcDateTime
+from hermes_orchestration.records import CLEAN_SCHEMA, CONTACT_TEXT_FIELDS, REJECTED_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+# Advisory lock namespaces ("HRMS", "HRMT"), keeping these locks apart from other applications'.
+_LOAD_LOCK_NAMESPACE = 0x48524D53
+_SCHEMA_LOCK_NAMESPACE = 0x48524D54
+# serialization_failure, deadlock_detected: safe to retry, the transaction was rolled back.
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+_MAX_ATTEMPTS = 4
+_BATCH_ROWS = 50_000
+_SQLITE_BUSY_SECONDS = 120.0
+# SQLite: a load takes the write lock when it begins (no lock upgrade, so no deadlock);
+# reads and temporary-table work begin deferred.
+_SQLITE_BEGIN_OPTION = "hermes_sqlite_begin"
+_SQLITE_BEGIN = {"write": "BEGIN IMMEDIATE", "read": "BEGIN"}
+
+_CSV_OPTIONS = pacsv.WriteOptions(include_header=False)
+_TEXT_BLANKS = pa.array([""], pa.string())
+_JSON_BLANKS = pa.array(["", "{}", "[]", "null"], pa.string())
+_NULL_TEXT = pa.scalar(None, pa.string())
+
+
+class MasterDataError(RuntimeError):
+    """A master database operation failed; a failed load wrote nothing."""
+
+
+class PartitionInputError(MasterDataError, ValueError):
+    """The rows handed to a load do not have the expected shape."""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What one partition load did.
+
+    ``sources_unchanged`` counts the rows that were not newer than the stored version of their
+    client (an older or equal version, or a row listed twice in the partition). The contact
+    counts sum up to the contacts the load affected.
+    """
+
+    master_database: str
+    partition_key: str
+    rows: int
+    sources_inserted: int
+    sources_updated: int
+    sources_unchanged: int
+    contacts_inserted: int
+    contacts_updated: int
+    contacts_unchanged: int
+    contacts_deleted: int
+    contacts_revived: int
+    rejected: int
+    master_database_updated_at: datetime
+
+    def as_metadata(self) -> dict[str, int | str]:
+        """Plain values for Dagster metadata (the timestamp as ISO 8601 text)."""
+        values: dict[str, Any] = asdict(self)
+        values["master_database_updated_at"] = self.master_database_updated_at.isoformat()
+        return values
+
+
+def default_masterdata_url(state_dir: Path) -> str:
+    """The URL of the local SQLite master database kept under ``state_dir``."""
+    path = Path(state_dir) / "masterdata.sqlite"
+    return sa.URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+
+class MasterDataStore:
+    """The icomm master databases behind one SQLAlchemy URL (SQLite or PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            parsed = sa.make_url(url)
+        except (ArgumentError, ValueError):
+            # The parser's message repeats the URL, password included.
+            raise MasterDataError(
+                "the master database URL is not a valid SQLAlchemy URL; expected e.g. "
+                "sqlite:////path/masterdata.sqlite or postgresql+psycopg://user@host:5432/db"
+            ) from None
+        if parsed.drivername in ("postgres", "postgresql"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self._url = parsed
+        if parsed.get_backend_name() == "sqlite" and parsed.get_driver_name() == "pysqlite":
+            self._engine = _sqlite_engine(parsed)
+        elif parsed.drivername == "postgresql+psycopg":
+            self._engine = sa.create_engine(parsed, pool_pre_ping=True)
+        else:
+            raise MasterDataError(
+                f"unsupported master database URL {self.display_url}: use sqlite:///<file> "
+                "or postgresql+psycopg://<user>@<host>:<port>/<database>"
+            )
+
+    def __repr__(self) -> str:
+        return f"MasterDataStore({self.display_url!r})"
+
+    @property
+    def display_url(self) -> str:
+        """The URL with its password masked, for messages and logs."""
+        return self._url.render_as_string(hide_password=True)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for read-only views of the master data."""
+        return self._engine
+
+    def ensure_schema(self) -> None:
+        """Create the tables that do not exist yet; safe when several processes call it at once."""
+        database = self._url.database
+        if self._url.get_backend_name() == "sqlite" and database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._engine.connect() as conn, _transaction(conn, write=True):
+                if conn.dialect.name == "postgresql":
+                    conn.execute(
+                        sa.select(
+                            sa.func.pg_advisory_xact_lock(_int(_SCHEMA_LOCK_NAMESPACE), _int(0))
+                        )
+                    )
+                ms.METADATA.create_all(conn)
+        except SQLAlchemyError as err:
+            raise MasterDataError(
+                f"could not create the master database tables at {self.display_url}: {_reason(err)}"
+            ) from err
+
+    def load_partition(
+        self,
+        *,
+        integration: str,
+        master_database: str,
+        partition_key: str,
+        valid: pa.Table | Iterable[pa.RecordBatch],
+        rejected: pa.Table,
+    ) -> LoadResult:
+        """Merge one partition into ``master_database`` in one transaction (all or nothing).
+
+        ``valid`` holds ``CLEAN_SCHEMA`` rows (a table or a stream of batches) and ``rejected``
+        ``REJECTED_SCHEMA`` rows. Loading the same partition again changes nothing.
+
+        Raises:
+            PartitionInputError: the rows do not fit their schema; nothing was written.
+            MasterDataError: the database failed; the transaction was rolled back.
+        """
+        for label, value in (
+            ("integration", integration),
+            ("master_database", master_database),
+            ("partition_key", partition_key),
+        ):
+            if not isinstance(value, str) or not value.strip():
+                raise PartitionInputError(f"{label} must be a non-empty string, got {value!r}")
+        rejected_rows = _rejected_rows(rejected, integration, partition_key)
+        started = time.perf_counter()
+        try:
+            # preserve_rowcount: the merge counts what it wrote from INSERT ... SELECT row counts.
+            with self._engine.connect().execution_options(preserve_rowcount=True) as conn:
+                try:
+                    rows = _stage(conn, valid)
+                    merge = _Merge(conn, integration, master_database, partition_key)
+                    result = _with_retries(conn, lambda: merge.run(rows, rejected_rows))
+                finally:
+                    _drop_stage(conn)
+        except (SQLAlchemyError, psycopg.Error) as err:
+            raise MasterDataError(
+                f"loading partition {partition_key!r} of integration {integration!r} into master "
+                f"database {master_database!r} at {self.display_url} failed and was rolled back, "
+                f"nothing of it was written: {_reason(err)}"
+            ) from err
+        elapsed = time.perf_counter() - started
+        logger.info(
+            "Loaded partition %s of %s into %s: %d rows in %.2f s (%d new, %d updated sources; "
+            "%d new, %d updated, %d deleted, %d revived contacts; %d rejected)",
+            partition_key, integration, master_database, result.rows, elapsed,
+            result.sources_inserted, result.sources_updated, result.contacts_inserted,
+            result.contacts_updated, result.contacts_deleted, result.contacts_revived,
+            result.rejected,
+        )  # fmt: skip
+        return result
+
+    def master_database_info(self, name: str) -> tuple[datetime, datetime] | None:
+        """``(created_at, updated_at)`` of a master database, or None if it was never loaded."""
+        table = ms.master_databases
+        query = sa.select(table.c.created_at, table.c.updated_at).where(table.c.name == name)
+        try:
+            with self._engine.connect() as conn, _transaction(conn, write=False):
+                row = conn.execute(query).one_or_none()
+        except SQLAlchemyError as err:
+            raise MasterDataError(
+                f"could not read master database {name!r} at {self.display_url}: {_reason(err)}"
+            ) from err
+        return None if row is None else (row.created_at, row.updated_at)
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+
+def _sqlite_engine(url: sa.URL) -> Engine:
+    if sqlite3.sqlite_version_info < (3, 33):
+        raise MasterDataError(
+            f"SQLite {sqlite3.sqlite_version} is too old for the master database (UPDATE ... FROM "
+            "needs 3.33 or later); use a newer Python build or PostgreSQL"
+        )
+    engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_BUSY_SECONDS})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own transaction handling would not BEGIN before DDL; SQLAlchemy does it below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for a load
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_SQLITE_BEGIN_OPTION, "write")
+        conn.exec_driver_sql(_SQLITE_BEGIN[mode])
+
+    return engine
+
+
+@contextmanager
+def _transaction(conn: Connection, *, write: bool) -> Iterator[None]:
+    """A transaction; on SQLite, ``write`` takes the database write lock up front."""
+    conn.execution_options(**{_SQLITE_BEGIN_OPTION: "write" if write else "read"})
+    with conn.begin():
+        yield
+
+
+def _with_retries(conn: Connection, merge: Callable[[], LoadResult]) -> LoadResult:
+    """Run ``merge`` in a write transaction, again if PostgreSQL rolled it back as retryable."""
+    for attempt in range(1, _MAX_ATTEMPTS + 1):
+        try:
+            with _transaction(conn, write=True):
+                return merge()
+        except DBAPIError as err:
+            sqlstate = getattr(err.orig, "sqlstate", None)
+            if attempt == _MAX_ATTEMPTS or sqlstate not in _RETRYABLE_SQLSTATES:
+                raise
+            logger.warning(
+                "Retrying the master data merge after %s (attempt %d)", sqlstate, attempt
+            )
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _reason(err: BaseException) -> str:
+    # The driver's message, without SQLAlchemy's echo of the statement and its parameters.
+    orig = getattr(err, "orig", None)
+    return str(orig if orig is not None else err).strip()
+
+
+def _int(value: int) -> sa.BindParameter[int]:
+    return sa.literal(value, sa.Integer)
+
+
+def _text(value: str) -> sa.BindParameter[str]:
+    return sa.literal(value, sa.Text)
+
+
+def _lock_master_database(conn: Connection, name: str) -> None:
+    """Serialize the loads of one master database (PostgreSQL; SQLite has one writer anyway)."""
+    if conn.dialect.name == "postgresql":
+        key = sa.func.hashtext(_text(name))
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_int(_LOAD_LOCK_NAMESPACE), key)))
+
+
+# --- Input -------------------------------------------------------------------------------------
+
+
+def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise PartitionInputError(
+            f"the {what} rows lack the columns {missing}; they must have {schema.names}"
+        )
+    table = table.select(schema.names)
+    for field in schema:
+        nulls = table.column(field.name).null_count
+        if not field.nullable and nulls:
+            raise PartitionInputError(f"{nulls} {what} rows have no {field.name}; it is required")
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+        raise PartitionInputError(f"the {what} rows do not fit their schema: {err}") from err
+
+
+def _blank_to_null(column: pa.ChunkedArray, blanks: pa.Array) -> pa.ChunkedArray:
+    is_blank = pc.is_in(pc.utf8_trim_whitespace(column), value_set=blanks)
+    return pc.if_else(is_blank, _NULL_TEXT, column)
+
+
+def _stage_columns(batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    """A batch of valid rows as ``hermes_stage`` columns (without ``ordinal``)."""
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    table = _conform(table, CLEAN_SCHEMA, "valid")
+    email = pc.utf8_lower(pc.utf8_trim_whitespace(table.column("email")))
+    email = _blank_to_null(email, _TEXT_BLANKS)
+    live_without_email = pc.and_(pc.is_null(table.column("deleted_at")), pc.is_null(email))
+    if pc.any(live_without_email).as_py():
+        ids = pc.filter(table.column("hermes_id"), live_without_email)[:5].to_pylist()
+        raise PartitionInputError(
+            f"valid rows without an email that are not deleted (hermes_id {ids}); "
+            "validation must reject them"
+        )
+    columns: dict[str, Any] = {"hermes_id": table.column("hermes_id"), "email": email}
+    for name in CONTACT_FIELDS:
+        column = table.column(name)
+        if name in CONTACT_TEXT_FIELDS:
+            column = _blank_to_null(column, _TEXT_BLANKS)
+        elif name in JSON_FIELDS:
+            column = _blank_to_null(column, _JSON_BLANKS)
+        columns[name] = column
+    for name in ("created_at", "updated_at", "deleted_at"):
+        columns[name] = table.column(name)
+    return pa.table(columns)
+
+
+def _valid_batches(valid: pa.Table | Iterable[pa.RecordBatch]) -> Iterator[pa.Table]:
+    items = valid.to_batches(max_chunksize=_BATCH_ROWS) if isinstance(valid, pa.Table) else valid
+    for item in items:
+        if item.num_rows:
+            yield _stage_columns(item)
+
+
+def _rejected_rows(rejected: pa.Table, integration: str, partition_key: str) -> pa.Table:
+    """``rejected`` as ``rejected_clients`` columns (without ``rejected_at``)."""
+    table = _conform(rejected, REJECTED_SCHEMA, "rejected")
+    count = table.num_rows
+    reasons = [orjson.dumps(codes).decode() for codes in table.column("reasons").to_pylist()]
+    return pa.table(
+        {
+            "integration": pa.array([integration] * count, pa.string()),
+            "partition_key": pa.array([partition_key] * count, pa.string()),
+            "hermes_id": table.column("hermes_id"),
+            "updated_at": table.column("updated_at"),
+            "reasons": pa.array(reasons, pa.string()),
+            "record": table.column("record"),
+        }
+    )
+
+
+# --- Bulk writes -------------------------------------------------------------------------------
+
+
+def _bulk_insert(conn: Connection, table: sa.Table, data: pa.Table) -> None:
+    """Append ``data`` (columns named as in ``table``) to ``table`` in the open transaction."""
+    if data.num_rows == 0:
+        return
+    if conn.dialect.name == "postgresql":
+        _copy(conn, table, data)
+    else:
+        _executemany(conn, table, data)
+
+
+def _copy(conn: Connection, table: sa.Table, data: pa.Table) -> None:
+    # Arrow writes the CSV in C++; PostgreSQL's CSV reads an unquoted empty field as NULL and a
+    # quoted one as '', which is exactly how Arrow writes nulls and empty strings.
+    for index, field in enumerate(data.schema):
+        if pa.types.is_timestamp(field.type):
+            # Arrow formats a zoned timestamp a hundred times slower than this text with offset.
+            text = pc.binary_join_element_wise(_utc_text(data.column(index)), "+00:00", "")
+            data = data.set_column(index, field.name, text)
+    buffer = io.BytesIO()
+    pacsv.write_csv(data, buffer, _CSV_OPTIONS)
+    statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        pgsql.Identifier(table.name),
+        pgsql.SQL(", ").join(pgsql.Identifier(name) for name in data.column_names),
+    )
+    driver_connection = conn.connection.driver_connection
+    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.write(buffer.getbuffer())
+
+
+def _executemany(conn: Connection, table: sa.Table, data: pa.Table) -> None:
+    insert = table.insert().values({name: sa.bindparam(name) for name in data.column_names})
+    compiled = insert.compile(dialect=conn.dialect)
+    names = compiled.positiontup or []
+    columns = [_sqlite_values(data.column(name)) for name in names]
+    conn.exec_driver_sql(str(compiled), list(zip(*columns, strict=True)))
+
+
+def _sqlite_values(column: pa.ChunkedArray) -> list[Any]:
+    # The text forms SQLAlchemy itself stores on SQLite, so that values compare as they should.
+    if pa.types.is_timestamp(column.type):
+        return _utc_text(column).to_pylist()
+    if pa.types.is_date(column.type):
+        return column.cast(pa.string()).to_pylist()
+    return column.to_pylist()
+
+
+def _utc_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """UTC timestamps as ``YYYY-MM-DD HH:MM:SS.ffffff`` text (fixed width, so sortable)."""
+    return column.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
+
+
+def _stage(conn: Connection, valid: pa.Table | Iterable[pa.RecordBatch]) -> int:
+    """Copy the valid rows into ``hermes_stage``, one row per client (the newest); the row count.
+
+    Staging has its own transaction: the temporary table outlives it on this connection, so a
+    merge that must be retried does not copy the rows again.
+    """
+    stage = ms.stage
+    rows = 0
+    ids: list[pa.Array] = []  # the Hermes ids alone, to spot a client listed twice
+    with _transaction(conn, write=False):
+        _raise_work_mem(conn)
+        conn.execute(DropTable(stage, if_exists=True))
+        conn.execute(CreateTable(stage))
+        for batch in _valid_batches(valid):
+            ordinal = pa.array(range(rows, rows + batch.num_rows), pa.int64())
+            _bulk_insert(conn, stage, batch.add_column(0, "ordinal", ordinal))
+            ids.extend(batch.column("hermes_id").chunks)
+            rows += batch.num_rows
+        _prepare_for_joins(conn, stage)
+        if rows and pc.count_distinct(pa.chunked_array(ids)).as_py() < rows:
+            # A client listed twice keeps its newest version (the last one listed on a tie).
+            newer = stage.alias("newer")
+            is_newer = sa.or_(
+                newer.c.updated_at > stage.c.updated_at,
+                sa.and_(
+                    newer.c.updated_at == stage.c.updated_at, newer.c.ordinal > stage.c.ordinal
+                ),
+            )
+            superseded = sa.exists().where(newer.c.hermes_id == stage.c.hermes_id, is_newer)
+            conn.execute(sa.delete(stage).where(superseded))
+    return rows
+
+
+def _drop_stage(conn: Connection) -> None:
+    if conn.invalidated:
+        return
+    try:
+        with _transaction(conn, write=False):
+            conn.execute(DropTable(ms.stage, if_exists=True))
+    except SQLAlchemyError:
+        # The temporary table ends with its session; a connection in doubt is not pooled again.
+        conn.invalidate()
+
+
+# --- Merge -------------------------------------------------------------------------------------
+
+
+class _Merge:
+    """The set-based merge of the staged rows, run inside the load transaction."""
+
+    def __init__(
+        self, conn: Connection, integration: str, master_database: str, partition_key: str
+    ) -> None:
+        self.conn = conn
+        self.integration = integration
+        self.master_database = master_database
+        self.partition_key = partition_key
+        self.now = datetime.now(UTC)  # the load time, set again by each attempt
+
+    def run(self, rows: int, rejected_rows: pa.Table) -> LoadResult:
+        """Merge and count; the caller commits."""
+        conn = self.conn
+        self.now = datetime.now(UTC)
+        _lock_master_database(conn, self.master_database)
+        _raise_work_mem(conn)
+        self._ensure_master_database()
+        self._replace_rejected(rejected_rows)
+        for table in ms.MERGE_TABLES:
+            conn.execute(DropTable(table, if_exists=True))
+            conn.execute(CreateTable(table))
+        sources_inserted, sources_updated = self._collect_changed()
+        contacts = _ContactCounts()
+        if sources_inserted or sources_updated:
+            touched = self._lock_other_master_databases()
+            affected = self._collect_affected()
+            self._merge_contacts()
+            contacts = self._write_contacts(affected)
+            self._write_sources()
+            table = ms.master_databases
+            conn.execute(
+                sa.update(table)
+                .where(table.c.name.in_([self.master_database, *touched]))
+                .values(updated_at=self.now)
+            )
+        for table in reversed(ms.MERGE_TABLES):
+            conn.execute(DropTable(table))
+        updated_at = conn.scalar(
+            sa.select(ms.master_databases.c.updated_at).where(
+                ms.master_databases.c.name == self.master_database
+            )
+        )
+        return LoadResult(
+            master_database=self.master_database,
+            partition_key=self.partition_key,
+            rows=rows,
+            sources_inserted=sources_inserted,
+            sources_updated=sources_updated,
+            sources_unchanged=rows - sources_inserted - sources_updated,
+            contacts_inserted=contacts.inserted,
+            contacts_updated=contacts.updated,
+            contacts_unchanged=contacts.unchanged,
+            contacts_deleted=contacts.deleted,
+            contacts_revived=contacts.revived,
+            rejected=rejected_rows.num_rows,
+            master_database_updated_at=updated_at,
+        )
+
+    def _ensure_master_database(self) -> None:
+        table = ms.master_databases
+        upsert = postgresql.insert if self.conn.dialect.name == "postgresql" else sqlite.insert
+        statement = upsert(table).values(
+            name=self.master_database, created_at=self.now, updated_at=self.now
+        )
+        self.conn.execute(statement.on_conflict_do_nothing(index_elements=[table.c.name]))
+
+    def _replace_rejected(self, rejected_rows: pa.Table) -> None:
+        table = ms.rejected_clients
+        self.conn.execute(
+            sa.delete(table).where(
+                table.c.integration == self.integration,
+                table.c.partition_key == self.partition_key,
+            )
+        )
+        rejected_at = pa.array([self.now] * rejected_rows.num_rows, pa.timestamp("us", tz="UTC"))
+        _bulk_insert(self.conn, table, rejected_rows.append_column("rejected_at", rejected_at))
+
+    def _collect_changed(self) -> tuple[int, int]:
+        """Keep the staged rows newer than their stored version; (new, updated) source counts."""
+        stage, sources, changed = ms.stage, ms.contact_sources, ms.changed
+        query = sa.select(
+            stage.c.hermes_id,
+            stage.c.email,
+            *(stage.c[name] for name in CONTACT_FIELDS),
+            stage.c.created_at,
+            stage.c.updated_at,
+            stage.c.deleted_at,
+            sources.c.hermes_id.is_(None),
+            sources.c.master_database,
+            sources.c.email,
+            sa.and_(sources.c.hermes_id.is_not(None), sources.c.deleted_at.is_(None)),
+        ).select_from(
+            stage.outerjoin(
+                sources,
+                sa.and_(
+                    sources.c.integration == self.integration,
+                    sources.c.hermes_id == stage.c.hermes_id,
+                ),
+            )
+        )
+        # Strictly newer instants only: an equal or older version changes nothing.
+        query = query.where(
+            sa.or_(sources.c.hermes_id.is_(None), stage.c.updated_at > sources.c.updated_at)
+        )
+        columns = [
+            "hermes_id", "email", *CONTACT_FIELDS, "created_at", "updated_at", "deleted_at",
+            "is_new", "old_master_database", "old_email", "old_live",
+        ]  # fmt: skip
+        _fill(self.conn, changed, columns, query)
+        new, total = self.conn.execute(
+            sa.select(sa.func.count().filter(changed.c.is_new), sa.func.count())
+        ).one()
+        return new, total - new
+
+    def _lock_other_master_databases(self) -> list[str]:
+        """Lock the other master databases whose contacts lose a source (a moved integration)."""
+        changed = ms.changed
+        others = self.conn.scalars(
+            sa.select(changed.c.old_master_database)
+            .where(changed.c.old_live, changed.c.old_master_database != self.master_database)
+            .distinct()
+        ).all()
+        for name in sorted(others):
+            _lock_master_database(self.conn, name)
+        return sorted(others)
+
+    def _collect_affected(self) -> int:
+        """Note the affected contacts (their count), snapshot them and gather their live sources."""
+        conn, changed, affected = self.conn, ms.changed, ms.affected
+        contacts, sources = ms.master_contacts, ms.contact_sources
+        keys = sa.union(
+            sa.select(_text(self.master_database), changed.c.email).where(
+                changed.c.deleted_at.is_(None)
+            ),
+            sa.select(changed.c.old_master_database, changed.c.old_email).where(changed.c.old_live),
+        )
+        count = _fill(conn, affected, ["master_database", "email"], keys)
+
+        snapshot = sa.select(
+            contacts.c.id,
+            contacts.c.master_database,
+            contacts.c.email,
+            *(contacts.c[name] for name in CONTACT_FIELDS),
+            contacts.c.updated_at,
+            contacts.c.deleted_at,
+        ).join_from(affected, contacts, _same_key(contacts, affected))
+        _fill(conn, ms.before, list(snapshot.selected_columns.keys()), snapshot)
+
+        # Every live source of an affected contact once the load is done: the stored ones that
+        # the load does not replace, and the load's own live rows.
+        replaced = sa.exists().where(
+            sources.c.integration == self.integration, changed.c.hermes_id == sources.c.hermes_id
+        )
+        stored = (
+            sa.select(
+                sources.c.master_database,
+                sources.c.email,
+                sources.c.integration,
+                sources.c.hermes_id,
+                *(sources.c[name] for name in CONTACT_FIELDS),
+                sources.c.updated_at,
+            )
+            .join_from(affected, sources, _same_key(sources, affected))
+            .where(sources.c.deleted_at.is_(None), ~replaced)
+        )
+        incoming = sa.select(
+            _text(self.master_database),
+            changed.c.email,
+            _text(self.integration),
+            changed.c.hermes_id,
+            *(changed.c[name] for name in CONTACT_FIELDS),
+            changed.c.updated_at,
+        ).where(changed.c.deleted_at.is_(None))
+        columns = [c.name for c in ms.candidates.columns]
+        _fill(conn, ms.candidates, columns, sa.union_all(stored, incoming))
+        return count
+
+    def _merge_contacts(self) -> None:
+        """Compute the content of every affected contact that has a live source."""
+        conn, candidates, shared, after = self.conn, ms.candidates, ms.shared, ms.after
+        key = [candidates.c.master_database, candidates.c.email]
+        several = sa.select(*key).group_by(*key).having(sa.func.count() > 1)
+        _fill(conn, shared, ["master_database", "email"], several)
+        columns = ["master_database", "email", *CONTACT_FIELDS, "updated_at"]
+        # Most contacts have one source: their content is that source's, no merge needed.
+        single = sa.select(*(candidates.c[name] for name in columns)).where(
+            ~sa.exists().where(_same_key(shared, candidates))
+        )
+        conn.execute(sa.insert(after).from_select(columns, single))  # analyzed below
+
+        # The others: find for each field the latest instant at which a source has a value,
+        # then take the value of that source. Sources updated at the same instant are told apart
+        # by their value (the greatest; for accepts_marketing, false): deterministic, and an
+        # unsubscribe wins a tie.
+        latest = (
+            sa.select(
+                *key,
+                *(
+                    sa.func.max(candidates.c.updated_at)
+                    .filter(candidates.c[name].is_not(None))
+                    .label(name)
+                    for name in CONTACT_FIELDS
+                ),
+                sa.func.max(candidates.c.updated_at).label("updated_at"),
+            )
+            .join_from(candidates, shared, _same_key(shared, candidates))
+            .group_by(*key)
+            .subquery("latest")
+        )
+
+        def latest_value(name: str) -> sa.ColumnElement[Any]:
+            value = sa.case((candidates.c.updated_at == latest.c[name], candidates.c[name]))
+            if name == "accepts_marketing":  # PostgreSQL has no min(boolean)
+                return sa.cast(sa.func.min(sa.cast(value, sa.Integer)), sa.Boolean)
+            return sa.func.max(value)
+
+        merged = (
+            sa.select(
+                latest.c.master_database,
+                latest.c.email,
+                *(latest_value(name).label(name) for name in CONTACT_FIELDS),
+                sa.func.max(latest.c.updated_at),  # one value per group
+            )
+            .join_from(candidates, latest, _same_key(latest, candidates))
+            .group_by(latest.c.master_database, latest.c.email)
+        )
+        _fill(conn, after, columns, merged)
+
+    def _write_contacts(self, affected: int) -> _ContactCounts:
+        """Insert new contacts, update changed or revived ones, soft-delete orphaned ones."""
+        conn, contacts, before, after, changed = (
+            self.conn, ms.master_contacts, ms.before, ms.after, ms.changed,
+        )  # fmt: skip
+        now = sa.literal(self.now, UtcDateTime())
+        content = [*CONTACT_FIELDS, "updated_at"]
+
+        new = sa.select(
+            after.c.master_database,
+            after.c.email,
+            *(after.c[name] for name in content),
+            now,
+        ).where(~sa.exists().where(_same_key(before, after)))
+        inserted = conn.execute(
+            sa.insert(contacts).from_select(
+                ["master_database", "email", *content, "loaded_at"], new
+            )
+        ).rowcount
+
+        revived = conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(before)
+            .join(after, _same_key(after, before))
+            .where(before.c.deleted_at.is_not(None))
+        )
+        differs = sa.or_(
+            contacts.c.deleted_at.is_not(None),
+            *(contacts.c[name].is_distinct_from(after.c[name]) for name in content),
+        )
+        rewritten = conn.execute(
+            sa.update(contacts)
+            .where(contacts.c.id == before.c.id, _same_key(after, before), differs)
+            .values({name: after.c[name] for name in content})
+            .values(deleted_at=None, loaded_at=now)
+        ).rowcount
+
+        # A live contact left without live sources: every one of them changed in this load
+        # (deleted or moved to another email), so its deletion time is theirs.
+        keeps_a_source = sa.exists().where(_same_key(after, before))
+        orphaned = (
+            sa.select(
+                before.c.id,
+                sa.func.max(sa.func.coalesce(changed.c.deleted_at, changed.c.updated_at)).label(
+                    "deleted_at"
+                ),
+                sa.func.max(changed.c.updated_at).label("updated_at"),
+            )
+            .join_from(
+                before,
+                changed,
+                sa.and_(
+                    changed.c.old_live,
+                    changed.c.old_master_database == before.c.master_database,
+                    changed.c.old_email == before.c.email,
+                ),
+            )
+            .where(before.c.deleted_at.is_(None), ~keeps_a_source)
+            .group_by(before.c.id)
+            .subquery()
+        )
+        deleted = conn.execute(
+            sa.update(contacts)
+            .where(contacts.c.id == orphaned.c.id)
+            .values(
+                deleted_at=orphaned.c.deleted_at, updated_at=orphaned.c.updated_at, loaded_at=now
+            )
+        ).rowcount
+        return _ContactCounts(
+            inserted=inserted,
+            updated=rewritten - revived,
+            unchanged=affected - inserted - rewritten - deleted,
+            deleted=deleted,
+            revived=revived,
+        )
+
+    def _write_sources(self) -> None:
+        """Write the changed sources, linking live ones to their contact."""
+        changed, sources, contacts = ms.changed, ms.contact_sources, ms.master_contacts
+        versions = ["created_at", "updated_at", "deleted_at"]
+        now = sa.literal(self.now, UtcDateTime())
+        is_live = changed.c.deleted_at.is_(None)
+        contact_of_row = sa.and_(
+            contacts.c.master_database == self.master_database,
+            contacts.c.email == changed.c.email,
+        )
+        new = (
+            sa.select(
+                _text(self.integration),
+                changed.c.hermes_id,
+                contacts.c.id,
+                _text(self.master_database),
+                changed.c.email,
+                *(changed.c[name] for name in (*CONTACT_FIELDS, *versions)),
+                now,
+            )
+            .select_from(changed.outerjoin(contacts, sa.and_(is_live, contact_of_row)))
+            .where(changed.c.is_new)
+        )
+        columns = [
+            "integration", "hermes_id", "contact_id", "master_database", "email",
+            *CONTACT_FIELDS, *versions, "loaded_at",
+        ]  # fmt: skip
+        self.conn.execute(sa.insert(sources).from_select(columns, new))
+
+        # The stored version is older (checked again here, under the lock, as a safety net).
+        replaces = sa.and_(
+            sa.not_(changed.c.is_new),
+            sources.c.integration == self.integration,
+            sources.c.hermes_id == changed.c.hermes_id,
+            changed.c.updated_at > sources.c.updated_at,
+        )
+        version = {name: changed.c[name] for name in (*CONTACT_FIELDS, *versions)}
+        self.conn.execute(
+            sa.update(sources)
+            .where(replaces, is_live, contact_of_row)
+            .values(version)
+            .values(
+                contact_id=contacts.c.id,
+                master_database=self.master_database,
+                email=changed.c.email,
+                loaded_at=now,
+            )
+        )
+        # A tombstone keeps the source's last known email and contact, so that the contact is
+        # deleted only once all of its sources are.
+        self.conn.execute(
+            sa.update(sources).where(replaces, ~is_live).values(version).values(loaded_at=now)
+        )
+
+
+@dataclass(frozen=True)
+class _ContactCounts:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    revived: int = 0
+
+
+def _fill(conn: Connection, table: sa.Table, columns: list[str], query: sa.Select[Any]) -> int:
+    """Insert the rows of ``query`` into the working table ``table``; the row count."""
+    count = conn.execute(sa.insert(table).from_select(columns, query)).rowcount
+    _prepare_for_joins(conn, table)
+    return count
+
+
+def _prepare_for_joins(conn: Connection, table: sa.Table) -> None:
+    """Make a filled working table ready to be joined: statistics or indexes."""
+    if conn.dialect.name == "postgresql":
+        # Temporary tables are never analyzed automatically, and without statistics the planner
+        # misjudges the joins of the next steps by orders of magnitude.
+        # Statistics of the joined and filtered columns only: the others cost time, not plans.
+        quote = conn.dialect.identifier_preparer.quote
+        columns = ", ".join(quote(name) for name in table.info["analyze"])
+        conn.execute(sa.text(f"ANALYZE {quote(table.name)} ({columns})"))  # constant identifiers
+    else:
+        # SQLite joins by looking rows up in an index.
+        for index in table.indexes:
+            index.create(conn)
+
+
+def _raise_work_mem(conn: Connection) -> None:
+    # Set-based merges of large partitions sort and hash far more than the 4 MB default; LOCAL
+    # keeps it to this transaction.
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SET LOCAL work_mem = '128MB'"))
+
+
+def _same_key(left: sa.Table, right: sa.Table) -> sa.ColumnElement[bool]:
+    return sa.and_(left.c.master_database == right.c.master_database, left.c.email == right.c.email)

@@ -1,0 +1,941 @@
+"""The master database load, specified on SQLite and on the local PostgreSQL.
+
+Every test builds small ``CLEAN_SCHEMA`` partitions with the helpers below, loads them with
+``MasterDataStore.load_partition`` and reads the real tables back.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import tempfile
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hermes_orchestration import masterdata_schema as ms
+from hermes_orchestration.masterdata import (
+    LoadResult,
+    MasterDataError,
+    MasterDataStore,
+    PartitionInputError,
+    default_masterdata_url,
+)
+from hermes_orchestration.masterdata_schema import CONTACT_FIELDS
+from hermes_orchestration.records import CLEAN_SCHEMA, REJECTED_SCHEMA
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "HERMES_TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+MASTER_DB = "clientes_chile"
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+# --- Building partitions ---------------------------------------------------------------------
+
+
+def at(hours: float) -> datetime:
+    """An instant ``hours`` after T0."""
+    return T0 + timedelta(hours=hours)
+
+
+def client(
+    hermes_id: str,
+    email: str | None,
+    hours: float,
+    *,
+    deleted: bool = False,
+    **fields: Any,
+) -> dict[str, Any]:
+    """One valid client version, updated ``hours`` after T0 (a tombstone if ``deleted``)."""
+    unknown = set(fields) - set(CONTACT_FIELDS)
+    assert not unknown, f"not client fields: {unknown}"
+    return {
+        "hermes_id": hermes_id,
+        "email": email,
+        **fields,
+        "created_at": T0,
+        "updated_at": at(hours),
+        "deleted_at": at(hours) if deleted else None,
+    }
+
+
+def clean_table(clients: Sequence[dict[str, Any]]) -> pa.Table:
+    """A ``CLEAN_SCHEMA`` table of client versions."""
+    columns = {name: [row.get(name) for row in clients] for name in CLEAN_SCHEMA.names}
+    return pa.table(columns, schema=CLEAN_SCHEMA)
+
+
+def rejected_table(*hermes_ids: str) -> pa.Table:
+    """A ``REJECTED_SCHEMA`` table with one rejected row per id."""
+    return pa.table(
+        {
+            "hermes_id": list(hermes_ids),
+            "updated_at": [T0] * len(hermes_ids),
+            "reasons": [["email_invalid"]] * len(hermes_ids),
+            "record": [f'{{"id": "{hermes_id}", "email": "nope"}}' for hermes_id in hermes_ids],
+        },
+        schema=REJECTED_SCHEMA,
+    )
+
+
+def load(
+    store: MasterDataStore,
+    integration: str,
+    partition_key: str,
+    *clients: dict[str, Any],
+    rejected: Sequence[str] = (),
+    master_database: str = MASTER_DB,
+) -> LoadResult:
+    """Load one partition of ``integration``."""
+    return store.load_partition(
+        integration=integration,
+        master_database=master_database,
+        partition_key=partition_key,
+        valid=clean_table(clients),
+        rejected=rejected_table(*rejected),
+    )
+
+
+# --- Reading the tables back -----------------------------------------------------------------
+
+
+def rows(store: MasterDataStore, table: sa.Table) -> list[dict[str, Any]]:
+    """Every row of ``table``, as dicts, in a stable order."""
+    with store.engine.connect() as conn:
+        result = conn.execute(sa.select(table).order_by(*table.primary_key.columns))
+        return [dict(row._mapping) for row in result]
+
+
+def contacts(store: MasterDataStore, master_database: str = MASTER_DB) -> dict[str, dict]:
+    """The contacts of a master database (soft-deleted ones included), by email."""
+    return {
+        row["email"]: row
+        for row in rows(store, ms.master_contacts)
+        if row["master_database"] == master_database
+    }
+
+
+def live_contacts(store: MasterDataStore, master_database: str = MASTER_DB) -> dict[str, dict]:
+    """The contacts that are not deleted: their fields and updated_at, by email."""
+    return {
+        email: {name: row[name] for name in (*CONTACT_FIELDS, "updated_at")}
+        for email, row in contacts(store, master_database).items()
+        if row["deleted_at"] is None
+    }
+
+
+def sources(store: MasterDataStore) -> dict[tuple[str, str], dict]:
+    """Every source, by (integration, hermes_id)."""
+    return {(row["integration"], row["hermes_id"]): row for row in rows(store, ms.contact_sources)}
+
+
+def snapshot(store: MasterDataStore) -> dict[str, list[dict[str, Any]]]:
+    """Everything the store holds."""
+    return {table.name: rows(store, table) for table in ms.METADATA.sorted_tables}
+
+
+def counts(result: LoadResult) -> dict[str, int]:
+    """The counters of a load result."""
+    return {
+        name: value
+        for name, value in result.as_metadata().items()
+        if isinstance(value, int) and name != "rows"
+    }
+
+
+# --- Stores ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_masterdata_url() -> Iterator[str]:
+    """A PostgreSQL database of this test module's own, dropped at the end."""
+    name = f"hermes_test_masterdata_{os.getpid()}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as err:
+        pytest.skip(f"the local PostgreSQL at 127.0.0.1:5432 is not reachable: {err}")
+    yield sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def drop_tables(url: str) -> None:
+    """Drop the master database tables at ``url``."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        ms.METADATA.drop_all(conn)
+    engine.dispose()
+
+
+def empty_postgres_store(url: str) -> MasterDataStore:
+    """A store on the test database, its tables created and emptied."""
+    store = MasterDataStore(url)
+    store.ensure_schema()
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "TRUNCATE master_databases, master_contacts, contact_sources, rejected_clients "
+                "RESTART IDENTITY"
+            )
+        )
+    return store
+
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A master database URL of the backend under test, tables not created yet."""
+    if request.param == "sqlite":
+        return default_masterdata_url(tmp_path / "state")
+    url = request.getfixturevalue("postgres_masterdata_url")
+    drop_tables(url)
+    return url
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MasterDataStore]:
+    """An empty master database store on SQLite (a file) or PostgreSQL."""
+    if request.param == "sqlite":
+        store = MasterDataStore(default_masterdata_url(tmp_path / "state"))
+        store.ensure_schema()
+    else:
+        store = empty_postgres_store(request.getfixturevalue("postgres_masterdata_url"))
+    yield store
+    store.dispose()
+
+
+# --- Loading ---------------------------------------------------------------------------------
+
+
+def test_first_load_creates_the_master_database_its_contacts_and_sources(
+    store: MasterDataStore,
+) -> None:
+    assert store.master_database_info(MASTER_DB) is None
+    result = load(
+        store,
+        "tienda_norte",
+        "2026-03-01",
+        client(
+            "1",
+            "  Ana.Perez@Example.CL ",
+            1,
+            first_name="Ana",
+            last_name="",
+            birth_date=date(1990, 5, 17),
+            accepts_marketing=True,
+            custom_fields='{"tier": "gold"}',
+        ),
+        client("2", "bea@example.cl", 2, city="Talca", custom_fields="{}"),
+        rejected=["3"],
+    )
+
+    assert counts(result) == {
+        "sources_inserted": 2, "sources_updated": 0, "sources_unchanged": 0,
+        "contacts_inserted": 2, "contacts_updated": 0, "contacts_unchanged": 0,
+        "contacts_deleted": 0, "contacts_revived": 0, "rejected": 1,
+    }  # fmt: skip
+    assert result.rows == 2
+    assert (result.master_database, result.partition_key) == (MASTER_DB, "2026-03-01")
+    created_at, updated_at = store.master_database_info(MASTER_DB) or (None, None)
+    assert created_at == updated_at == result.master_database_updated_at
+    assert created_at is not None and created_at.tzinfo is not None
+
+    ana = contacts(store)["ana.perez@example.cl"]  # trimmed and lower-cased
+    assert ana["first_name"] == "Ana"
+    assert ana["last_name"] is None  # an empty value is no value
+    assert ana["birth_date"] == date(1990, 5, 17)
+    assert ana["accepts_marketing"] is True
+    assert ana["custom_fields"] == '{"tier": "gold"}'
+    assert ana["updated_at"] == at(1)
+    assert ana["deleted_at"] is None
+    assert contacts(store)["bea@example.cl"]["custom_fields"] is None  # '{}' is no value
+
+    source = sources(store)[("tienda_norte", "1")]
+    assert source["contact_id"] == ana["id"]
+    assert (source["master_database"], source["email"]) == (MASTER_DB, "ana.perez@example.cl")
+    assert source["updated_at"] == at(1)
+
+
+def test_loading_the_same_partition_again_changes_nothing(store: MasterDataStore) -> None:
+    partition = [client("1", "ana@example.cl", 1, first_name="Ana"), client("2", "b@x.cl", 2)]
+    first = load(store, "tienda_norte", "2026-03-01", *partition, rejected=["9"])
+    before = snapshot(store)
+
+    again = load(store, "tienda_norte", "2026-03-01", *partition, rejected=["9"])
+
+    assert counts(again) == {
+        "sources_inserted": 0, "sources_updated": 0, "sources_unchanged": 2,
+        "contacts_inserted": 0, "contacts_updated": 0, "contacts_unchanged": 0,
+        "contacts_deleted": 0, "contacts_revived": 0, "rejected": 1,
+    }  # fmt: skip
+    assert again.master_database_updated_at == first.master_database_updated_at
+    after = snapshot(store)
+    # Replaced, so their load time is new; everything else is untouched, load times included.
+    for table in (before, after):
+        for row in table["rejected_clients"]:
+            del row["id"], row["rejected_at"]
+    assert after == before
+
+
+def test_an_older_partition_loaded_after_a_newer_one_overwrites_nothing(
+    store: MasterDataStore,
+) -> None:
+    load(store, "tienda_norte", "2026-03-02", client("1", "ana@example.cl", 30, first_name="Ana"))
+    before = snapshot(store)
+
+    older = load(
+        store,
+        "tienda_norte",
+        "2026-03-01",
+        client("1", "ana@example.cl", 5, first_name="Old Ana"),
+        client("1", "ana@example.cl", 30, first_name="Same instant"),  # equal is not newer
+    )
+
+    assert (older.sources_updated, older.sources_unchanged) == (0, 2)
+    assert older.contacts_updated == 0
+    assert snapshot(store) == before
+
+
+def test_a_client_listed_twice_in_a_partition_keeps_its_newest_version(
+    store: MasterDataStore,
+) -> None:
+    load(
+        store,
+        "tienda_norte",
+        "2026-03-01",
+        client("1", "ana@example.cl", 3, first_name="Newest"),
+        client("1", "ana@example.cl", 1, first_name="Oldest"),
+        client("1", "ana@example.cl", 3, first_name="Newest, listed last"),
+    )
+    assert live_contacts(store)["ana@example.cl"]["first_name"] == "Newest, listed last"
+    assert len(sources(store)) == 1
+
+
+def test_timestamps_compare_as_instants_whatever_their_offset(store: MasterDataStore) -> None:
+    load(store, "tienda_norte", "p1", client("1", "ana@example.cl", 1, first_name="13:00 UTC"))
+    santiago = ZoneInfo("America/Santiago")  # -03:00 in March
+    earlier = client("1", "ana@example.cl", 0, first_name="12:59 UTC")
+    earlier["updated_at"] = datetime(2026, 3, 1, 9, 59, tzinfo=santiago)
+    later = client("1", "ana@example.cl", 0, first_name="13:30 UTC")
+    later["updated_at"] = datetime(2026, 3, 1, 10, 30, tzinfo=santiago)
+
+    assert load(store, "tienda_norte", "p0", earlier).sources_updated == 0
+    assert load(store, "tienda_norte", "p2", later).sources_updated == 1
+    ana = live_contacts(store)["ana@example.cl"]
+    assert (ana["first_name"], ana["updated_at"]) == ("13:30 UTC", at(1.5))
+
+
+# --- Merging sources into contacts -------------------------------------------------------------
+
+
+def test_a_contact_takes_each_field_from_the_latest_source_that_has_it(
+    store: MasterDataStore,
+) -> None:
+    load(
+        store,
+        "tienda_norte",
+        "p1",
+        client("n1", "ana@example.cl", 1, first_name="Ana", phone="+56911111111", city="Talca"),
+    )
+    load(
+        store,
+        "tienda_sur",
+        "p1",
+        client("s7", "ANA@example.cl", 2, first_name="Ana María", phone="", city=None),
+    )
+    load(store, "tienda_web", "p1", client("w3", "ana@example.cl", 3, gender="F"))
+
+    ana = live_contacts(store)["ana@example.cl"]
+    assert ana["first_name"] == "Ana María"  # the latest source that has one
+    assert ana["phone"] == "+56911111111"  # the later sources have none ('' is none)
+    assert ana["city"] == "Talca"
+    assert ana["gender"] == "F"
+    assert ana["updated_at"] == at(3)
+    assert len(contacts(store)) == 1
+    assert {row["contact_id"] for row in sources(store).values()} == {
+        contacts(store)["ana@example.cl"]["id"]
+    }
+
+
+def test_an_unsubscribe_is_never_overridden_by_an_older_subscription(
+    store: MasterDataStore,
+) -> None:
+    load(store, "tienda_sur", "p2", client("s1", "ana@example.cl", 5, accepts_marketing=False))
+    load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1, accepts_marketing=True))
+    load(store, "tienda_web", "p1", client("w1", "ana@example.cl", 6, first_name="Ana"))
+
+    assert live_contacts(store)["ana@example.cl"]["accepts_marketing"] is False
+    # Only a newer explicit consent subscribes again.
+    load(store, "tienda_norte", "p3", client("n1", "ana@example.cl", 7, accepts_marketing=True))
+    assert live_contacts(store)["ana@example.cl"]["accepts_marketing"] is True
+
+
+def test_sources_updated_at_the_same_instant_resolve_the_same_in_any_order(
+    store: MasterDataStore,
+) -> None:
+    load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1, accepts_marketing=True))
+    load(store, "tienda_sur", "p1", client("s1", "ana@example.cl", 1, accepts_marketing=False))
+    load(store, "tienda_norte", "p1", client("n2", "bea@example.cl", 1, accepts_marketing=False))
+    load(store, "tienda_sur", "p1", client("s2", "bea@example.cl", 1, accepts_marketing=True))
+
+    # A tie is settled by value: for consent, the unsubscribe wins.
+    assert live_contacts(store)["ana@example.cl"]["accepts_marketing"] is False
+    assert live_contacts(store)["bea@example.cl"]["accepts_marketing"] is False
+
+
+def test_a_changed_email_moves_the_source_to_its_new_contact(store: MasterDataStore) -> None:
+    load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1, first_name="Ana"))
+    load(store, "tienda_sur", "p1", client("s1", "ana@example.cl", 2, last_name="Pérez"))
+
+    moved = load(store, "tienda_sur", "p2", client("s1", "ana.perez@example.cl", 3, city="Talca"))
+
+    assert (moved.contacts_inserted, moved.contacts_updated) == (1, 1)
+    live = live_contacts(store)
+    assert live["ana@example.cl"]["first_name"] == "Ana"
+    assert live["ana@example.cl"]["last_name"] is None  # its only last name went with s1
+    assert live["ana@example.cl"]["updated_at"] == at(1)
+    assert live["ana.perez@example.cl"]["city"] == "Talca"
+    source = sources(store)[("tienda_sur", "s1")]
+    assert source["contact_id"] == contacts(store)["ana.perez@example.cl"]["id"]
+
+
+def test_a_contact_left_without_sources_is_soft_deleted(store: MasterDataStore) -> None:
+    load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1, first_name="Ana"))
+
+    moved = load(store, "tienda_norte", "p2", client("n1", "ana.perez@example.cl", 4))
+
+    assert (moved.contacts_inserted, moved.contacts_deleted) == (1, 1)
+    old = contacts(store)["ana@example.cl"]  # the row stays, marked deleted
+    assert old["deleted_at"] == at(4)
+    assert old["first_name"] == "Ana"
+    assert "ana@example.cl" not in live_contacts(store)
+
+
+def test_a_tombstone_deletes_a_contact_only_once_all_its_sources_are_deleted(
+    store: MasterDataStore,
+) -> None:
+    load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1, first_name="Ana"))
+    load(store, "tienda_sur", "p1", client("s1", "ana@example.cl", 2, first_name="Anita"))
+
+    first = load(store, "tienda_sur", "p2", client("s1", None, 5, deleted=True))
+    assert (first.contacts_updated, first.contacts_deleted) == (1, 0)
+    assert live_contacts(store)["ana@example.cl"]["first_name"] == "Ana"
+    tombstone = sources(store)[("tienda_sur", "s1")]
+    assert tombstone["deleted_at"] == at(5)
+    # It keeps its last email and contact, so the contact knows it is one of its sources.
+    assert tombstone["email"] == "ana@example.cl"
+    assert tombstone["contact_id"] == contacts(store)["ana@example.cl"]["id"]
+
+    last = load(store, "tienda_norte", "p2", client("n1", None, 6, deleted=True))
+    assert (last.contacts_updated, last.contacts_deleted) == (0, 1)
+    ana = contacts(store)["ana@example.cl"]
+    assert ana["deleted_at"] == at(6)
+    assert ana["first_name"] == "Ana"  # kept as it was
+
+
+def test_a_tombstone_of_a_never_seen_client_blocks_its_older_versions(
+    store: MasterDataStore,
+) -> None:
+    tombstone = load(store, "tienda_norte", "p2", client("n1", None, 5, deleted=True))
+    assert (tombstone.sources_inserted, tombstone.contacts_inserted) == (1, 0)
+    assert sources(store)[("tienda_norte", "n1")]["contact_id"] is None
+
+    older = load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1, first_name="A"))
+
+    assert (older.sources_unchanged, older.contacts_inserted) == (1, 0)
+    assert contacts(store) == {}
+
+
+def test_a_newer_live_version_revives_a_deleted_contact(store: MasterDataStore) -> None:
+    load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1, first_name="Ana"))
+    load(store, "tienda_norte", "p2", client("n1", None, 2, deleted=True))
+    deleted_id = contacts(store)["ana@example.cl"]["id"]
+
+    revived = load(store, "tienda_norte", "p3", client("n1", "ana@example.cl", 3, city="Talca"))
+
+    assert (revived.contacts_revived, revived.contacts_inserted) == (1, 0)
+    ana = contacts(store)["ana@example.cl"]
+    assert (ana["id"], ana["deleted_at"], ana["city"]) == (deleted_id, None, "Talca")
+    assert ana["first_name"] is None  # the new version has none
+    assert sources(store)[("tienda_norte", "n1")]["contact_id"] == deleted_id
+
+
+def test_loaded_at_changes_only_when_a_contact_changes(store: MasterDataStore) -> None:
+    load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1, first_name="Ana"))
+    load(store, "tienda_norte", "p1", client("n2", "bea@example.cl", 1, first_name="Bea"))
+    ana_loaded = contacts(store)["ana@example.cl"]["loaded_at"]
+
+    result = load(store, "tienda_sur", "p1", client("s1", "ana@example.cl", 0, first_name="Old"))
+
+    assert (result.contacts_updated, result.contacts_unchanged) == (0, 1)
+    assert contacts(store)["ana@example.cl"]["loaded_at"] == ana_loaded
+    assert live_contacts(store)["ana@example.cl"]["first_name"] == "Ana"
+
+
+def test_moving_an_integration_to_another_master_database_moves_its_clients(
+    store: MasterDataStore,
+) -> None:
+    load(store, "tienda_norte", "p1", client("n1", "ana@example.cl", 1), master_database="old")
+
+    moved = load(store, "tienda_norte", "p2", client("n1", "ana@example.cl", 2))
+
+    assert (moved.contacts_inserted, moved.contacts_deleted) == (1, 1)
+    assert contacts(store, "old")["ana@example.cl"]["deleted_at"] == at(2)
+    assert "ana@example.cl" in live_contacts(store, MASTER_DB)
+    old_info = store.master_database_info("old")
+    assert old_info is not None and old_info[1] == moved.master_database_updated_at
+
+
+def test_a_stream_of_batches_loads_like_a_table(store: MasterDataStore) -> None:
+    table = clean_table(
+        [client(str(n), f"c{n % 7}@example.cl", n, city=f"C{n}") for n in range(30)]
+    )
+
+    result = store.load_partition(
+        integration="tienda_norte",
+        master_database=MASTER_DB,
+        partition_key="p1",
+        valid=iter(table.to_batches(max_chunksize=8)),
+        rejected=REJECTED_SCHEMA.empty_table(),
+    )
+
+    assert (result.rows, result.sources_inserted, result.contacts_inserted) == (30, 30, 7)
+    assert live_contacts(store)["c3@example.cl"]["city"] == "C24"  # its latest source
+
+
+# --- Rejected rows ---------------------------------------------------------------------------
+
+
+def test_rejected_rows_of_a_partition_are_replaced_not_accumulated(
+    store: MasterDataStore,
+) -> None:
+    load(store, "tienda_norte", "p1", rejected=["1", "2", "3"])
+    load(store, "tienda_norte", "p2", rejected=["7"])
+    load(store, "tienda_sur", "p1", rejected=["1"])
+
+    load(store, "tienda_norte", "p1", client("1", "a@example.cl", 1), rejected=["2"])
+
+    stored = sorted(
+        (row["integration"], row["partition_key"], row["hermes_id"])
+        for row in rows(store, ms.rejected_clients)
+    )
+    assert stored == [
+        ("tienda_norte", "p1", "2"),
+        ("tienda_norte", "p2", "7"),
+        ("tienda_sur", "p1", "1"),
+    ]
+    row = rows(store, ms.rejected_clients)[-1]
+    assert row["reasons"] == '["email_invalid"]'
+    assert row["record"] == '{"id": "2", "email": "nope"}'
+
+
+# --- Failures ----------------------------------------------------------------------------------
+
+
+def fail_when(statement_start: str) -> Any:
+    """A cursor hook that fails the statement starting with ``statement_start``."""
+
+    def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith(statement_start):
+            raise RuntimeError("injected failure")
+
+    return hook
+
+
+def test_a_load_that_fails_midway_writes_nothing(store: MasterDataStore) -> None:
+    load(
+        store,
+        "tienda_norte",
+        "p1",
+        client("1", "ana@example.cl", 1, first_name="Ana"),
+        rejected=["x"],
+    )
+    before = snapshot(store)
+    partition = [
+        client("1", "ana@example.cl", 5, first_name="Anita"),
+        client("2", "bea@example.cl", 5),
+        client("3", None, 5, deleted=True),
+    ]
+    # By the time the sources are written, the contacts and rejected rows already are.
+    hook = fail_when("INSERT INTO contact_sources")
+    sa.event.listen(store.engine, "before_cursor_execute", hook)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            load(store, "tienda_norte", "p2", *partition, rejected=["y"])
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", hook)
+
+    assert snapshot(store) == before
+    retried = load(store, "tienda_norte", "p2", *partition, rejected=["y"])
+    assert (retried.contacts_inserted, retried.contacts_updated) == (1, 1)
+
+
+@pytest.mark.postgres
+def test_a_load_whose_connection_dies_midway_writes_nothing(
+    postgres_masterdata_url: str,
+) -> None:
+    store = empty_postgres_store(postgres_masterdata_url)
+    load(store, "tienda_norte", "p1", client("1", "ana@example.cl", 1, first_name="Ana"))
+    before = snapshot(store)
+    killer = sa.create_engine(postgres_masterdata_url)
+
+    def kill_the_session(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith("UPDATE contact_sources"):
+            with killer.connect() as other:
+                other.execute(
+                    sa.select(sa.func.pg_terminate_backend(cursor.connection.info.backend_pid))
+                )
+
+    sa.event.listen(store.engine, "before_cursor_execute", kill_the_session)
+    try:
+        with pytest.raises(MasterDataError, match="rolled back, nothing of it was written"):
+            load(store, "tienda_norte", "p2", client("1", "ana@example.cl", 5, first_name="X"))
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", kill_the_session)
+        killer.dispose()
+
+    assert snapshot(store) == before
+    assert load(store, "tienda_norte", "p2", client("1", "a@example.cl", 5)).sources_updated == 1
+    store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (pa.table({"hermes_id": ["1"]}), "the valid rows lack the columns"),
+        (
+            clean_table([client("1", None, 1), client("2", "   ", 1)]),
+            r"valid rows without an email that are not deleted \(hermes_id \['1', '2'\]\)",
+        ),
+        (
+            clean_table([client("1", "a@x.cl", 1)]).set_column(
+                CLEAN_SCHEMA.get_field_index("birth_date"),
+                "birth_date",
+                pa.array(["not a date"]),
+            ),
+            "the valid rows do not fit their schema",
+        ),
+    ],
+)
+def test_a_malformed_partition_is_refused_with_a_clear_message(
+    store: MasterDataStore, table: pa.Table, message: str
+) -> None:
+    load(store, "tienda_norte", "p1", client("9", "z@example.cl", 1), rejected=["8"])
+    before = snapshot(store)
+
+    with pytest.raises(PartitionInputError, match=message):
+        store.load_partition(
+            integration="tienda_norte",
+            master_database=MASTER_DB,
+            partition_key="p1",
+            valid=table,
+            rejected=rejected_table("7"),
+        )
+
+    assert snapshot(store) == before
+
+
+def test_the_password_never_shows(tmp_path: Path) -> None:
+    secret = "s3cr3t-Pa55"
+    store = MasterDataStore(f"postgresql+psycopg://hermes:{secret}@127.0.0.1:1/masterdata")
+    assert secret not in repr(store) and secret not in store.display_url
+    assert "hermes:***@127.0.0.1:1" in store.display_url
+
+    with pytest.raises(MasterDataError) as failure:
+        store.ensure_schema()  # nothing listens on port 1
+    assert "127.0.0.1" in str(failure.value)
+    assert secret not in "".join(traceback.format_exception(failure.value))
+
+    for url in (f"postgresql://u:{secret}@host:port/db", f"mysql://u:{secret}@host/db"):
+        with pytest.raises(MasterDataError) as failure:
+            MasterDataStore(url)
+        assert secret not in "".join(traceback.format_exception(failure.value))
+
+
+def test_the_default_url_is_a_sqlite_file_in_the_state_folder(tmp_path: Path) -> None:
+    url = default_masterdata_url(tmp_path / "state")
+    store = MasterDataStore(url)
+    store.ensure_schema()  # creates the folder
+    assert (tmp_path / "state" / "masterdata.sqlite").is_file()
+    assert sa.make_url(url).database == str(tmp_path / "state" / "masterdata.sqlite")
+    store.dispose()
+
+
+# --- Order independence ----------------------------------------------------------------------
+
+EMAILS = ["ana@example.cl", "bea@example.cl", "cata@example.cl"]
+
+
+@dataclass(frozen=True)
+class Version:
+    integration: str
+    hermes_id: str
+    hours: int
+    email: str | None
+    deleted: bool
+    fields: tuple[tuple[str, Any], ...]
+
+    def as_client(self) -> dict[str, Any]:
+        return client(
+            self.hermes_id, self.email, self.hours, deleted=self.deleted, **dict(self.fields)
+        )
+
+    @property
+    def partition_key(self) -> str:
+        return f"window-{self.hours // 3}"  # time windows: each version in one partition
+
+
+def partitions(versions: Sequence[Version]) -> dict[tuple[str, str], list[Version]]:
+    """The versions by (integration, partition key)."""
+    result: dict[tuple[str, str], list[Version]] = {}
+    for version in versions:
+        result.setdefault((version.integration, version.partition_key), []).append(version)
+    return result
+
+
+def load_in_order(
+    store: MasterDataStore,
+    by_partition: dict[tuple[str, str], list[Version]],
+    order: Sequence[tuple[str, str]],
+) -> None:
+    for integration, partition_key in order:
+        clients = [version.as_client() for version in by_partition[(integration, partition_key)]]
+        load(store, integration, partition_key, *clients)
+
+
+def expected_live_contacts(versions: Sequence[Version]) -> dict[str, dict[str, Any]]:
+    """The live contacts, computed from the rules alone."""
+    latest: dict[tuple[str, str], Version] = {}
+    for version in versions:
+        key = (version.integration, version.hermes_id)
+        if key not in latest or version.hours > latest[key].hours:
+            latest[key] = version
+    by_email: dict[str, list[Version]] = {}
+    for version in latest.values():
+        if not version.deleted:
+            by_email.setdefault(str(version.email), []).append(version)
+    expected = {}
+    for email, group in by_email.items():
+        contact: dict[str, Any] = {}
+        for name in CONTACT_FIELDS:
+            valued = [(v.hours, dict(v.fields).get(name)) for v in group]
+            valued = [(hours, value) for hours, value in valued if value not in (None, "")]
+            if not valued:
+                contact[name] = None
+                continue
+            newest = max(hours for hours, _ in valued)
+            tied = [value for hours, value in valued if hours == newest]
+            contact[name] = min(tied) if name == "accepts_marketing" else max(tied)
+        contact["updated_at"] = at(max(v.hours for v in group))
+        expected[email] = contact
+    return expected
+
+
+def assert_consistent(store: MasterDataStore, versions: Sequence[Version]) -> None:
+    """The live contacts follow the rules, and every link between the tables holds."""
+    assert live_contacts(store) == expected_live_contacts(versions)
+    by_id = {row["id"]: row for row in rows(store, ms.master_contacts)}
+    live_sources = [row for row in sources(store).values() if row["deleted_at"] is None]
+    for source in live_sources:
+        contact = by_id[source["contact_id"]]
+        assert (contact["email"], contact["deleted_at"]) == (source["email"], None)
+    fed = {source["contact_id"] for source in live_sources}
+    assert {id for id, row in by_id.items() if row["deleted_at"] is None} == fed
+
+
+version_fields = st.fixed_dictionaries(
+    {
+        "first_name": st.sampled_from([None, "", "Ana", "Bea"]),
+        "city": st.sampled_from([None, "Santiago", "Talca"]),
+        "accepts_marketing": st.sampled_from([None, True, False]),
+    }
+)
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[Version]:
+    """Client histories of up to three integrations sharing a few emails."""
+    versions = []
+    for integration in draw(st.sets(st.sampled_from(["norte", "sur", "web"]), min_size=1)):
+        for hermes_id in draw(st.sets(st.sampled_from(["1", "2", "3"]), min_size=1)):
+            for hours in draw(st.sets(st.integers(0, 8), min_size=1, max_size=3)):
+                deleted = draw(st.booleans()) and draw(st.booleans())
+                email = draw(st.sampled_from(EMAILS))
+                versions.append(
+                    Version(
+                        integration=integration,
+                        hermes_id=hermes_id,
+                        hours=hours,
+                        email=None if deleted and draw(st.booleans()) else email,
+                        deleted=deleted,
+                        fields=tuple(sorted(draw(version_fields).items())),
+                    )
+                )
+    return versions
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(versions=histories(), data=st.data())
+def test_the_live_contacts_do_not_depend_on_the_order_of_loads(
+    versions: list[Version], data: st.DataObject
+) -> None:
+    by_partition = partitions(versions)
+    order = data.draw(st.permutations(sorted(by_partition)), label="order")
+    for attempt in (order, order[::-1]):
+        with tempfile.TemporaryDirectory() as folder:
+            store = MasterDataStore(default_masterdata_url(Path(folder)))
+            store.ensure_schema()
+            load_in_order(store, by_partition, attempt)
+            assert_consistent(store, versions)
+            store.dispose()
+
+
+def fixed_histories(seed: int, clients_per_integration: int) -> list[Version]:
+    """A deterministic set of histories with updates, email changes and tombstones."""
+    rng = random.Random(seed)
+    emails = [f"persona{n}@example.cl" for n in range(int(clients_per_integration * 0.7))]
+    versions = []
+    for integration in ("norte", "sur", "web"):
+        for n in range(clients_per_integration):
+            email = rng.choice(emails)
+            for hours in sorted(rng.sample(range(12), rng.choice([1, 1, 2, 3]))):
+                deleted = rng.random() < 0.1
+                if rng.random() < 0.1:
+                    email = rng.choice(emails)
+                fields = {
+                    "first_name": rng.choice([None, "Ana", "Bea", "Cata"]),
+                    "city": rng.choice([None, "Santiago", "Talca"]),
+                    "accepts_marketing": rng.choice([None, True, False]),
+                }
+                hermes_id = f"{integration}-{n}"
+                fields_ = tuple(sorted(fields.items()))
+                versions.append(Version(integration, hermes_id, hours, email, deleted, fields_))
+    return versions
+
+
+@pytest.mark.postgres
+def test_on_postgresql_too_the_live_contacts_do_not_depend_on_the_order_of_loads(
+    postgres_masterdata_url: str,
+) -> None:
+    versions = fixed_histories(seed=7, clients_per_integration=40)
+    by_partition = partitions(versions)
+    results = []
+    for order in (sorted(by_partition), sorted(by_partition, reverse=True)):
+        store = empty_postgres_store(postgres_masterdata_url)
+        load_in_order(store, by_partition, order)
+        assert_consistent(store, versions)
+        results.append(live_contacts(store))
+        store.dispose()
+    assert results[0] == results[1]
+
+
+# --- Concurrency -------------------------------------------------------------------------------
+
+
+def _load_in_worker(
+    url: str, loads: list[tuple[str, str, pa.Table]], barrier: Any, errors: Any
+) -> None:
+    """Runs in a spawned process: create the schema and load, all at once with the others."""
+    try:
+        store = MasterDataStore(url)
+        barrier.wait(timeout=60)
+        store.ensure_schema()
+        for integration, partition_key, table in loads:
+            store.load_partition(
+                integration=integration,
+                master_database=MASTER_DB,
+                partition_key=partition_key,
+                valid=table,
+                rejected=rejected_table(f"{integration}-{partition_key}"),
+            )
+        store.dispose()
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise
+
+
+def comparable_state(store: MasterDataStore) -> tuple[Any, ...]:
+    """What every serial order of the same loads agrees on."""
+    versions = {
+        key: (
+            row["updated_at"],
+            row["deleted_at"],
+            row["email"] if row["deleted_at"] is None else None,
+        )
+        for key, row in sources(store).items()
+    }
+    rejected = sorted(
+        (row["integration"], row["hermes_id"]) for row in rows(store, ms.rejected_clients)
+    )
+    return live_contacts(store), versions, rejected
+
+
+@pytest.mark.parametrize("backend_url", BACKENDS, indirect=True)
+def test_concurrent_loads_give_the_result_of_loading_one_after_the_other(
+    backend_url: str,
+) -> None:
+    versions = fixed_histories(seed=11, clients_per_integration=1000)
+    by_partition = partitions(versions)
+    tables = {
+        key: clean_table([v.as_client() for v in group]) for key, group in by_partition.items()
+    }
+    # One process per integration, each loading its partitions newest first.
+    work: dict[str, list[tuple[str, str, pa.Table]]] = {}
+    for (integration, partition_key), table in sorted(tables.items(), reverse=True):
+        work.setdefault(integration, []).append((integration, partition_key, table))
+
+    context = multiprocessing.get_context("spawn")
+    barrier, errors = context.Barrier(len(work)), context.Queue()
+    processes = [
+        context.Process(target=_load_in_worker, args=(backend_url, loads, barrier, errors))
+        for loads in work.values()
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, "\n".join(failures)
+    assert [process.exitcode for process in processes] == [0] * len(processes)
+
+    concurrent_store = MasterDataStore(backend_url)
+    concurrent = comparable_state(concurrent_store)
+    concurrent_store.dispose()
+    drop_tables(backend_url)
+    serial_store = MasterDataStore(backend_url)
+    serial_store.ensure_schema()
+    for integration, partition_key in sorted(tables):
+        serial_store.load_partition(
+            integration=integration,
+            master_database=MASTER_DB,
+            partition_key=partition_key,
+            valid=tables[(integration, partition_key)],
+            rejected=rejected_table(f"{integration}-{partition_key}"),
+        )
+    assert concurrent == comparable_state(serial_store)
+    assert_consistent(serial_store, versions)
+    serial_store.dispose()
