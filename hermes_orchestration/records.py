@@ -12,11 +12,12 @@ walks raw dicts and the data path streams: pages -> batches -> Parquet -> batche
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # The Client properties of the API contract, in contract order.
 CLIENT_FIELDS: tuple[str, ...] = (
@@ -121,8 +122,49 @@ def _record_text(record: Mapping[str, Any]) -> str:
                             option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def records_to_batch(records: Iterable[Mapping[str, Any]]) -> pa.RecordBatch:
+# The common case: every record an object whose fields have the contract's types. Arrow converts
+# those in C; anything else (a number where text belongs, a non-object...) takes the general path.
+_TEXT_FIELDS = tuple(name for name in CLIENT_FIELDS if name not in ("accepts_marketing", "custom_fields"))
+_TYPED = pa.struct(
+    [pa.field(name, pa.string()) for name in _TEXT_FIELDS]
+    + [pa.field("accepts_marketing", pa.bool_())]
+)
+
+
+def records_to_batch(records: Sequence[Any]) -> pa.RecordBatch:
     """Flatten decoded client records into one ``RAW_SCHEMA`` batch, keeping every value."""
+    if all(isinstance(record, dict) for record in records):
+        try:
+            return _typed_batch(records)
+        except (pa.ArrowTypeError, pa.ArrowInvalid, orjson.JSONEncodeError):
+            pass
+    return _general_batch(records)
+
+
+def _typed_batch(records: Sequence[Any]) -> pa.RecordBatch:
+    typed = pa.array(records, type=_TYPED)
+    columns = {name: typed.field(name) for name in _TEXT_FIELDS}
+    columns["accepts_marketing"] = pc.cast(typed.field("accepts_marketing"), pa.string())
+    dumps = orjson.dumps
+    custom: list[str | None] = []
+    unknown: list[str | None] = []
+    whole: list[str] = []
+    for record in records:
+        value = record.get("custom_fields")
+        custom.append(value if value is None or isinstance(value, str) else dumps(value).decode())
+        if record.keys() - _KNOWN:
+            extra = {key: item for key, item in record.items() if key not in _KNOWN}
+            unknown.append(dumps(extra, option=orjson.OPT_NON_STR_KEYS).decode())
+        else:
+            unknown.append(None)
+        whole.append(dumps(record, option=orjson.OPT_NON_STR_KEYS).decode())
+    columns["custom_fields"] = pa.array(custom, pa.string())
+    columns["unknown_fields"] = pa.array(unknown, pa.string())
+    columns["record"] = pa.array(whole, pa.string())
+    return pa.RecordBatch.from_arrays([columns[name] for name in RAW_SCHEMA.names], schema=RAW_SCHEMA)
+
+
+def _general_batch(records: Iterable[Any]) -> pa.RecordBatch:
     columns: dict[str, list[str | None]] = {name: [] for name in RAW_SCHEMA.names}
     field_columns = [(name, columns[name]) for name in CLIENT_FIELDS]
     unknown_column = columns["unknown_fields"]

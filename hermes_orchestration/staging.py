@@ -1,0 +1,116 @@
+"""Per-partition Parquet files that carry clients from one asset to the next.
+
+Each asset of an integration writes one file per partition key, atomically: a file is either the
+complete output of a finished step or absent, never half-written. A step that fails leaves the
+previous version of its files in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RAW = "raw_clients"
+VALID = "validated_clients"
+REJECTED = "rejected_clients"
+
+
+class MissingStagedDataError(Exception):
+    """An upstream partition has not been materialized yet."""
+
+
+@dataclass(frozen=True)
+class PartitionStaging:
+    """The staged files of one integration under ``root``."""
+
+    root: Path
+    integration: str
+
+    def path(self, stage: str, partition_key: str) -> Path:
+        """The file of ``stage`` (e.g. ``raw_clients``) for ``partition_key``."""
+        return self.root / self.integration / stage / f"{_safe(partition_key)}.parquet"
+
+    def read(self, stage: str, partition_key: str) -> pa.Table:
+        """The whole staged table of a partition; raises MissingStagedDataError when absent."""
+        path = self.path(stage, partition_key)
+        if not path.exists():
+            raise MissingStagedDataError(
+                f"{stage} of integration '{self.integration}' has no data for partition "
+                f"{partition_key}: materialize the upstream asset for that partition first."
+            )
+        return pq.read_table(path)
+
+    def exists(self, stage: str, partition_key: str) -> bool:
+        """Whether a partition's file of ``stage`` has been written."""
+        return self.path(stage, partition_key).exists()
+
+    @contextmanager
+    def transaction(self) -> Iterator[StagedWrites]:
+        """Stage files in a private folder; publish them all only when the block succeeds."""
+        scratch = self.root / self.integration / ".incoming" / uuid.uuid4().hex
+        scratch.mkdir(parents=True, exist_ok=True)
+        writes = StagedWrites(self, scratch)
+        try:
+            yield writes
+            writes.close()
+            writes.publish()
+        finally:
+            writes.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+class StagedWrites:
+    """Files being written by one step; see ``PartitionStaging.transaction``."""
+
+    def __init__(self, staging: PartitionStaging, scratch: Path) -> None:
+        self._staging = staging
+        self._scratch = scratch
+        self._writers: dict[tuple[str, str], pq.ParquetWriter] = {}
+        self._files: dict[tuple[str, str], Path] = {}
+
+    def writer(self, stage: str, partition_key: str, schema: pa.Schema) -> pq.ParquetWriter:
+        """An open Parquet writer for a partition's file (created on first use)."""
+        key = (stage, partition_key)
+        writer = self._writers.get(key)
+        if writer is None:
+            path = self._scratch / stage / f"{_safe(partition_key)}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer = pq.ParquetWriter(path, schema, compression="zstd")
+            self._writers[key] = writer
+            self._files[key] = path
+        return writer
+
+    def write(self, stage: str, partition_key: str, data: pa.Table | pa.RecordBatch) -> None:
+        """Append a table or batch to a partition's file."""
+        writer = self.writer(stage, partition_key, data.schema)
+        if isinstance(data, pa.RecordBatch):
+            writer.write_batch(data)
+        else:
+            writer.write_table(data)
+
+    def close(self) -> None:
+        """Close every open writer (idempotent)."""
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+    def publish(self) -> None:
+        """Move the finished files into place, each with one atomic rename."""
+        for (stage, partition_key), path in self._files.items():
+            target = self._staging.path(stage, partition_key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        self._files.clear()
+
+
+def _safe(partition_key: str) -> str:
+    # Hourly keys look like 2024-01-01-13:00; a colon is not welcome in every file system.
+    return partition_key.replace(":", "")
