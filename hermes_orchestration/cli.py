@@ -132,13 +132,25 @@ def cmd_sync(args: argparse.Namespace) -> int:
         summary = _summary(result, integration)
         print(f"OK {integration.name}: run {result.run_id} succeeded; {summary}")
         return 0
-    failure = next(
-        (event.event_specific_data.error for event in result.all_events if event.is_step_failure),
-        None,
-    )
-    reason = failure.message.strip() if failure else "see the run's logs in the Dagster UI"
+    reason = _failure_reason(result) or "see the run's logs in the Dagster UI"
     print(f"FAILED {integration.name}: run {result.run_id}: {reason}", file=sys.stderr)
     return 1
+
+
+def _failure_reason(result: object) -> str | None:
+    """What made a run fail: its first failed step's error, else any error (a resource's)."""
+    events = result.all_events  # type: ignore[attr-defined]
+    errors = [event.event_specific_data.error for event in events if event.is_step_failure] or [
+        error for event in events if (error := getattr(event.event_specific_data, "error", None))
+    ]
+    if not errors:
+        return None
+    error = errors[0]
+    # Dagster wraps what a step or resource raised ("Error occurred while executing op ..."):
+    # the error it wraps is the one that says what went wrong.
+    while error.cause is not None and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    return error.message.strip()
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
