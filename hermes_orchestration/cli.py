@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from hermes_orchestration.config import (
+    Integration,
     IntegrationsConfig,
     IntegrationsFileError,
     json_schema,
@@ -27,7 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("hermes_orchestration")
 
 
-class _NoInstanceError(Exception):
+class _CommandError(Exception):
+    """A failure the message explains: printed on stderr, exit status 1."""
+
+
+class _NoInstanceError(_CommandError):
     """DAGSTER_HOME does not name a usable Dagster instance."""
 
 
@@ -52,19 +57,25 @@ def _instance() -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
-def _load(path: str | None) -> IntegrationsConfig | None:
+def _load(path: str | None) -> IntegrationsConfig:
     try:
         return load_integrations(path)
     except IntegrationsFileError as err:
-        print(str(err), file=sys.stderr)
-        return None
+        raise _CommandError(str(err)) from None
+
+
+def _integration(args: argparse.Namespace) -> tuple[IntegrationsConfig, Integration]:
+    """The integrations file and the integration that ``args.name`` names."""
+    config = _load(args.file)
+    try:
+        return config, config.get(args.name)
+    except KeyError as err:
+        raise _CommandError(err.args[0]) from None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Report every problem of the integrations file at once; exit 1 if there is any."""
     config = _load(args.file)
-    if config is None:
-        return 1
     count = len(config.integrations)
     print(f"{config.path}: OK, {count} integration{'s' if count != 1 else ''}")
     return 0
@@ -80,14 +91,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """The "Verificar" step: check an integration's App Token against its site."""
     from hermes_orchestration.verification import verify_integration
 
-    config = _load(args.file)
-    if config is None:
-        return 1
-    try:
-        integration = config.get(args.name)
-    except KeyError as err:
-        print(err.args[0], file=sys.stderr)
-        return 1
+    _, integration = _integration(args)
     outcome = verify_integration(integration)
     stream = sys.stdout if outcome.ok else sys.stderr
     print(outcome.message, file=stream)
@@ -111,20 +115,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Sync one integration now, as a run recorded in the Dagster instance ($DAGSTER_HOME)."""
-    import dagster as dg
-
     from hermes_orchestration.definitions import build_definitions
     from hermes_orchestration.launch import sync_now
 
-    config = _load(args.file)
-    if config is None:
-        return 1
-    try:
-        integration = config.get(args.name)
-    except KeyError as err:
-        print(err.args[0], file=sys.stderr)
-        return 1
-    with dg.DagsterInstance.get() as instance:
+    config, integration = _integration(args)
+    with _instance() as instance:
         result = sync_now(
             build_definitions(config), integration, instance, first=args.partition, last=args.to
         )
@@ -137,9 +132,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 1
 
 
-def _failure_reason(result: object) -> str | None:
+def _failure_reason(result: dg.ExecuteInProcessResult) -> str | None:
     """What made a run fail: its first failed step's error, else any error (a resource's)."""
-    events = result.all_events  # type: ignore[attr-defined]
+    events = result.all_events
     errors = [event.event_specific_data.error for event in events if event.is_step_failure] or [
         error for event in events if (error := getattr(event.event_specific_data, "error", None))
     ]
@@ -157,19 +152,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
     """Pause an integration: its schedule skips and its queued runs are canceled."""
     from hermes_orchestration.switch import pause
 
-    config = _load(args.file)
-    if config is None:
-        return 1
-    try:
-        integration = config.get(args.name)
-        with _instance() as instance:
-            change = pause(instance, integration, reason=args.reason)
-    except KeyError as err:
-        print(err.args[0], file=sys.stderr)
-        return 1
-    except _NoInstanceError as err:
-        print(err, file=sys.stderr)
-        return 1
+    _, integration = _integration(args)
+    with _instance() as instance:
+        change = pause(instance, integration, reason=args.reason)
     print(change.message)
     return 0
 
@@ -178,19 +163,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Switch an integration back on once verify passes (or anyway, with --force)."""
     from hermes_orchestration.switch import resume
 
-    config = _load(args.file)
-    if config is None:
-        return 1
-    try:
-        integration = config.get(args.name)
-        with _instance() as instance:
-            change = resume(instance, integration, force=args.force)
-    except KeyError as err:
-        print(err.args[0], file=sys.stderr)
-        return 1
-    except _NoInstanceError as err:
-        print(err, file=sys.stderr)
-        return 1
+    _, integration = _integration(args)
+    with _instance() as instance:
+        change = resume(instance, integration, force=args.force)
     print(change.message, file=sys.stdout if change.ok else sys.stderr)
     return 0 if change.ok else 1
 
@@ -202,15 +177,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hermes_orchestration.health import integration_cards, iso, render_cards
 
     config = _load(args.file)
-    if config is None:
-        return 1
     now = time.time()
-    try:
-        with _instance() as instance:
-            cards = integration_cards(instance, config.integrations, now=now)
-    except _NoInstanceError as err:
-        print(err, file=sys.stderr)
-        return 1
+    with _instance() as instance:
+        cards = integration_cards(instance, config.integrations, now=now)
     if args.json:
         document = {
             "generated_at": iso(now),
@@ -222,12 +191,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(result: object, integration: object) -> str:
+def _summary(result: dg.ExecuteInProcessResult, integration: Integration) -> str:
     from hermes_orchestration.assets import MASTER_DATA, asset_key
 
-    for event in result.get_asset_materialization_events():  # type: ignore[attr-defined]
+    for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization
-        if materialization.asset_key == asset_key(integration, MASTER_DATA):  # type: ignore[arg-type]
+        if materialization.asset_key == asset_key(integration, MASTER_DATA):
             meta = {key: value.value for key, value in materialization.metadata.items()}
             keys = (
                 "rows",
@@ -310,12 +279,15 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    # Our own messages at INFO; libraries (Alembic migrating a new instance...) only when it matters.
+    # Our own messages at INFO; libraries' (Alembic migrating a new instance...) only as warnings.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except _CommandError as err:
+        print(err, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
