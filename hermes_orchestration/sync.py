@@ -255,14 +255,17 @@ def load_master_data(
     store = context.resources.masterdata.store
     store.ensure_schema()
     totals: Counter[str] = Counter()
+    rejected_by_reason: Counter[str] = Counter()
     last = None
     for key in context.partition_keys:
+        rejected = staging.read(REJECTED, key)
+        rejected_by_reason.update(_reason_counts(rejected))
         result = store.load_partition(
             integration=integration.name,
             master_database=integration.master_database,
             partition_key=key,
             valid=staging.read(VALID, key),
-            rejected=staging.read(REJECTED, key),
+            rejected=rejected,
         )
         for name, value in result.as_metadata().items():
             if isinstance(value, int) and not isinstance(value, bool):
@@ -274,7 +277,15 @@ def load_master_data(
     return dg.MaterializeResult(
         metadata={
             **{name: int(value) for name, value in totals.items()},
+            "rejected_by_reason": dict(rejected_by_reason.most_common()),
             "master_database": integration.master_database,
             "master_database_updated_at": dg.MetadataValue.timestamp(updated_at),
         }
     )
+
+
+def _reason_counts(rejected: pa.Table) -> dict[str, int]:
+    """How many rejected rows carry each reason code (a row may carry several)."""
+    codes = pc.list_flatten(rejected.column("reasons"))
+    counts = pc.value_counts(codes).to_pylist()
+    return {item["values"]: item["counts"] for item in counts}

@@ -84,7 +84,12 @@ def integrations_file(
 ) -> IntegrationsWriter:
     """Write an integrations.yaml pointing at the session simulator and make it the active one."""
 
-    def write(*names: str, master_database: str = "clientes_test", extra: str = "") -> Path:
+    def write(
+        *names: str,
+        master_database: str = "clientes_test",
+        max_reject_ratio: float = 0.5,
+        extra: str = "",
+    ) -> Path:
         entries = "".join(
             textwrap.dedent(
                 f"""\
@@ -96,7 +101,7 @@ def integrations_file(
                     partitions: {{granularity: daily, start: 2026-11-01}}
                     page_size: 250
                     max_requests_per_second: 200
-                    max_reject_ratio: 0.5
+                    max_reject_ratio: {max_reject_ratio}
                 """
             )
             + textwrap.indent(textwrap.dedent(extra), "    ")

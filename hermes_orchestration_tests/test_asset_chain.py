@@ -216,3 +216,42 @@ def test_dagster_asset_materialize_from_the_command_line(
         assert metadata["master_database"].value == "clientes_test"
     contacts = table_rows(f"sqlite:///{state_dir / 'masterdata.sqlite'}", "SELECT count(*) FROM master_contacts")
     assert contacts[0][0] > 0
+
+
+def test_master_data_metadata_counts_rejected_rows_by_reason(integrations_file, state_dir) -> None:
+    integrations_file("tienda_test")
+    with dg.instance_for_test() as instance:
+        result = run_partition(SIM_PARTITIONS[3], instance=instance)
+    assert result.success
+    validated = metadata_of(result, asset_key_for("tienda_test", VALIDATED_CLIENTS))
+    loaded = metadata_of(result, asset_key_for("tienda_test", MASTER_DATA))
+    assert loaded["rejected_by_reason"] == validated["rejected_by_reason"]
+    assert sum(loaded["rejected_by_reason"].values()) >= loaded["rejected"] > 0
+    assert loaded["contacts_deleted"] >= 0 and loaded["contacts_revived"] == 0
+
+
+def test_too_many_rejects_stop_the_load_and_fail_the_run_naming_the_top_reasons(
+    integrations_file, state_dir
+) -> None:
+    integrations_file("tienda_test", max_reject_ratio=0.001)
+    with dg.instance_for_test() as instance:
+        result = run_partition(SIM_PARTITIONS[0], instance=instance)
+        assert not result.success
+        checks = [
+            event.event_specific_data
+            for event in result.all_events
+            if event.event_type_value == "ASSET_CHECK_EVALUATION"
+            and event.event_specific_data.check_name == "reject_ratio_within_limit"
+        ]
+        assert len(checks) == 1 and not checks[0].passed
+        assert "Top reasons:" in checks[0].description
+        assert "invalid_email" in checks[0].description or "missing_email" in checks[0].description
+        materialized = {
+            event.event_specific_data.materialization.asset_key
+            for event in result.get_asset_materialization_events()
+        }
+    assert asset_key_for("tienda_test", MASTER_DATA) not in materialized
+    assert not (state_dir / "masterdata.sqlite").exists() or not table_rows(
+        f"sqlite:///{state_dir / 'masterdata.sqlite'}",
+        "SELECT 1 FROM contact_sources LIMIT 1",
+    )
