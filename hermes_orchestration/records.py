@@ -118,13 +118,17 @@ def _record_text(record: Mapping[str, Any]) -> str:
         return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS).decode()
     except orjson.JSONEncodeError:
         # Keep every property that can be stored; only the too-deep values are replaced.
-        return orjson.dumps({key: orjson.loads(_dumps(value)) for key, value in record.items()},
-                            option=orjson.OPT_NON_STR_KEYS).decode()
+        return orjson.dumps(
+            {key: orjson.loads(_dumps(value)) for key, value in record.items()},
+            option=orjson.OPT_NON_STR_KEYS,
+        ).decode()
 
 
 # The common case: every record an object whose fields have the contract's types. Arrow converts
 # those in C; anything else (a number where text belongs, a non-object...) takes the general path.
-_TEXT_FIELDS = tuple(name for name in CLIENT_FIELDS if name not in ("accepts_marketing", "custom_fields"))
+_TEXT_FIELDS = tuple(
+    name for name in CLIENT_FIELDS if name not in ("accepts_marketing", "custom_fields")
+)
 _TYPED = pa.struct(
     [pa.field(name, pa.string()) for name in _TEXT_FIELDS]
     + [pa.field("accepts_marketing", pa.bool_())]
@@ -161,7 +165,9 @@ def _typed_batch(records: Sequence[Any]) -> pa.RecordBatch:
     columns["custom_fields"] = pa.array(custom, pa.string())
     columns["unknown_fields"] = pa.array(unknown, pa.string())
     columns["record"] = pa.array(whole, pa.string())
-    return pa.RecordBatch.from_arrays([columns[name] for name in RAW_SCHEMA.names], schema=RAW_SCHEMA)
+    return pa.RecordBatch.from_arrays(
+        [columns[name] for name in RAW_SCHEMA.names], schema=RAW_SCHEMA
+    )
 
 
 def _general_batch(records: Iterable[Any]) -> pa.RecordBatch:

@@ -43,7 +43,10 @@ def verify_integration(
     except HermesError as err:
         return VerifyOutcome(
             ok=False,
-            message=f"FAILED {integration.name} ({integration.site_url}): {err}\nWhat to do: {err.hint}",
+            message=(
+                f"FAILED {integration.name} ({integration.site_url}): {err}\n"
+                f"What to do: {err.hint}"
+            ),
             error=type(err).__name__,
             hint=err.hint,
             status=err.status,

@@ -75,9 +75,15 @@ def test_definitions_give_each_integration_its_assets_checks_schedule_and_shared
             for check in graph.asset_check_keys
             if check.asset_key == asset_key_for(name, VALIDATED_CLIENTS)
         }
-        assert checks == {"reject_ratio_within_limit", "no_duplicate_ids", "required_fields_present"}
+        assert checks == {
+            "reject_ratio_within_limit",
+            "no_duplicate_ids",
+            "required_fields_present",
+        }
     # Both integrations share one calendar, hence one job.
-    job_names = [job.name for job in defs.resolve_all_job_defs() if job.name.startswith("hermes_sync")]
+    job_names = [
+        job.name for job in defs.resolve_all_job_defs() if job.name.startswith("hermes_sync")
+    ]
     assert len(job_names) == 1
 
 
@@ -93,7 +99,12 @@ def run_partition(partition_key: str, *, instance: dg.DagsterInstance) -> dg.Exe
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_partition_lands_whole_and_every_served_client_is_accounted_for(
-    database: str, request: pytest.FixtureRequest, integrations_file, state_dir, simulator, monkeypatch
+    database: str,
+    request: pytest.FixtureRequest,
+    integrations_file,
+    state_dir,
+    simulator,
+    monkeypatch,
 ) -> None:
     integrations_file("tienda_test")
     if database == "postgresql":
@@ -116,10 +127,9 @@ def test_a_partition_lands_whole_and_every_served_client_is_accounted_for(
         assert run.tags["master_database"] == "clientes_test"
 
     assert raw["rows_fetched"] == len(records)
-    assert (
-        validated["rows_valid"] + validated["rows_rejected"] + validated["duplicates_dropped"]
-        == len(records)
-    )
+    assert validated["rows_valid"] + validated["rows_rejected"] + validated[
+        "duplicates_dropped"
+    ] == len(records)
     assert validated["rows_rejected"] > 0, "the dirty share should produce rejects"
     assert loaded["master_database"] == "clientes_test"
 
@@ -152,7 +162,9 @@ def test_a_partition_lands_whole_and_every_served_client_is_accounted_for(
         m="clientes_test",
     )[0]
     assert contacts[0] == contacts[1] > 0
-    (databases,) = table_rows(url, "SELECT count(*) FROM master_databases WHERE name = 'clientes_test'")
+    (databases,) = table_rows(
+        url, "SELECT count(*) FROM master_databases WHERE name = 'clientes_test'"
+    )
     assert databases == (1,)
 
 
@@ -214,7 +226,9 @@ def test_dagster_asset_materialize_from_the_command_line(
         assert run.tags["integration"] == "tienda_cli"
         metadata = records[0].asset_materialization.metadata
         assert metadata["master_database"].value == "clientes_test"
-    contacts = table_rows(f"sqlite:///{state_dir / 'masterdata.sqlite'}", "SELECT count(*) FROM master_contacts")
+    contacts = table_rows(
+        f"sqlite:///{state_dir / 'masterdata.sqlite'}", "SELECT count(*) FROM master_contacts"
+    )
     assert contacts[0][0] > 0
 
 

@@ -11,7 +11,9 @@ from hermes_orchestration.records import CLIENT_FIELDS, RAW_SCHEMA, _general_bat
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 field_values = st.one_of(st.text(), st.none(), json_values)
@@ -33,8 +35,15 @@ def test_the_fast_path_gives_exactly_what_the_general_path_gives(page: list) -> 
 
 def test_values_of_the_wrong_type_are_kept_as_their_json_text() -> None:
     batch = records_to_batch(
-        [{"id": 12, "updated_at": "2026-11-02T10:00:00-03:00", "accepts_marketing": "yes",
-          "custom_fields": {"puntos": 10}, "nivel": "oro"}]
+        [
+            {
+                "id": 12,
+                "updated_at": "2026-11-02T10:00:00-03:00",
+                "accepts_marketing": "yes",
+                "custom_fields": {"puntos": 10},
+                "nivel": "oro",
+            }
+        ]
     ).to_pylist()[0]
     assert batch["id"] == "12"
     assert batch["accepts_marketing"] == "yes"
@@ -45,7 +54,14 @@ def test_values_of_the_wrong_type_are_kept_as_their_json_text() -> None:
 
 def test_a_page_of_clean_records_keeps_contract_types_as_text() -> None:
     batch = records_to_batch(
-        [{"id": "1", "updated_at": "2026-11-02T10:00:00Z", "email": "a@b.cl", "accepts_marketing": False}]
+        [
+            {
+                "id": "1",
+                "updated_at": "2026-11-02T10:00:00Z",
+                "email": "a@b.cl",
+                "accepts_marketing": False,
+            }
+        ]
     )
     assert batch.schema == RAW_SCHEMA
     row = batch.to_pylist()[0]
