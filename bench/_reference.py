@@ -1,0 +1,96 @@
+"""Reference ceilings on the same data as a sync, each run as its own measured process.
+
+- ``fetch``: fetch and decode every page of a window with ``HermesClient.iter_pages`` (no rate
+  cap), nothing else: the most the API side can deliver.
+- ``copy``: a bare ``COPY`` of the flattened client fields (the text columns that the sync
+  stages) into an empty table, with psycopg 3, streamed in batches: the most PostgreSQL can take.
+
+Prints one JSON object: rows, seconds (of the measured part only, imports excluded).
+Not meant to be run by hand; ``sync_throughput.py`` and ``backfill.py`` run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from datetime import datetime
+
+import psycopg
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from psycopg import sql
+
+from hermes_orchestration.hermes_client import HermesClient
+from hermes_orchestration.records import CLIENT_FIELDS
+
+_BATCH_ROWS = 50_000
+
+
+def fetch(url: str, token: str, since: datetime, until: datetime, page_size: int) -> dict:
+    """Read the whole window page by page; count records and pages."""
+    started = time.perf_counter()
+    rows = pages = 0
+    with HermesClient(url, token, page_size=page_size, max_requests_per_second=None) as client:
+        for page in client.iter_pages(since, until):
+            rows += len(page.records)
+            pages += 1
+    return {"rows": rows, "pages": pages, "seconds": time.perf_counter() - started}
+
+
+def copy(dsn: str, parquet_files: list[str]) -> dict:
+    """COPY the client fields of staged raw Parquet files into a new, empty table."""
+    columns = [*CLIENT_FIELDS, "unknown_fields"]
+    # Read before the clock starts: the ceiling is what PostgreSQL takes, not Parquet decoding.
+    tables = [pq.read_table(path, columns=columns) for path in parquet_files]
+    options = pacsv.WriteOptions(include_header=False)
+    started = time.perf_counter()
+    rows = 0
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            sql.SQL("CREATE TABLE bare_copy ({})").format(
+                sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)
+            )
+        )
+        statement = sql.SQL("COPY bare_copy ({}) FROM STDIN (FORMAT csv)").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        )
+        with conn.cursor() as cursor, cursor.copy(statement) as out:
+            for table in tables:
+                for batch in table.to_batches(max_chunksize=_BATCH_ROWS):
+                    buffer = io.BytesIO()
+                    pacsv.write_csv(batch, buffer, options)
+                    out.write(buffer.getbuffer())
+                    rows += batch.num_rows
+        conn.commit()
+    seconds = time.perf_counter() - started
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE bare_copy")
+    return {"rows": rows, "seconds": seconds}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    f = sub.add_parser("fetch")
+    f.add_argument("--url", required=True)
+    f.add_argument("--token", required=True)
+    f.add_argument("--since", required=True, type=datetime.fromisoformat)
+    f.add_argument("--until", required=True, type=datetime.fromisoformat)
+    f.add_argument("--page-size", type=int, default=1000)
+    c = sub.add_parser("copy")
+    c.add_argument("--dsn", required=True)
+    c.add_argument("parquet", nargs="+")
+    args = parser.parse_args()
+    if args.what == "fetch":
+        result = fetch(args.url, args.token, args.since, args.until, args.page_size)
+    else:
+        result = copy(args.dsn, args.parquet)
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Backfill: a year of daily partitions synced as one run, against the same volume as one partition.
+
+Two datasets of ``--clients`` clients from the simulator (same seed, default dirty share): one
+whose ``updated_at`` range covers 365 days, synced with one single-run backfill
+(``launch.sync_now(..., first=<day 1>, last=<day 365>)``: one paged listing of the whole year,
+then validation and a master-data transaction per partition), and one whose range falls in one
+day, synced as that one partition. Both through Dagster into PostgreSQL, from an empty master
+database. Prints each run's rows/s, the ratio, and the peak RSS of every process.
+
+    .venv/bin/python bench/backfill.py
+    .venv/bin/python bench/backfill.py --clients 50000 --days 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import textwrap
+import time
+from datetime import date, datetime, timedelta
+from datetime import time as day_time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import _common as c
+
+NAME = "backfill"
+INTEGRATION = "tienda_bench"
+TIMEZONE = "America/Santiago"
+LAST_DAY = date(2026, 11, 1)  # the backfill's last partition; the one-day run syncs the next day
+
+
+def local_midnight(day: date) -> datetime:
+    """The start of ``day`` in the integration's time zone."""
+    return datetime.combine(day, day_time(), ZoneInfo(TIMEZONE))
+
+
+def measure(
+    label: str,
+    clients: int,
+    first: date,
+    last: date,
+    seed: int,
+    timeout: float,
+    sql_timing: bool = False,
+) -> dict[str, Any]:
+    """Sync partitions ``first``..``last`` as one run from a simulator whose data spans them."""
+    # The data keeps an hour clear of both ends of the range.
+    data_start = local_midnight(first) + timedelta(hours=1)
+    data_end = local_midnight(last + timedelta(days=1)) - timedelta(hours=1)
+    load = c.load_average()
+    with (
+        tempfile.TemporaryDirectory(prefix="hermes_bench_") as tmp,
+        c.simulator(clients=clients, start=data_start, end=data_end, seed=seed) as sim,
+        c.postgres_database("hermes_bench_backfill") as database,
+    ):
+        root = Path(tmp)
+        home = c.write_dagster_yaml(root / "dagster_home")
+        yaml = c.write_integrations(
+            root / "integrations.yaml",
+            [c.integration_entry(INTEGRATION, site_url=sim.url, start=first.isoformat())],
+            TIMEZONE,
+        )
+        env = c.project_env(
+            dagster_home=home,
+            integrations_file=yaml,
+            state_dir=root / "state",
+            masterdata_database=database,
+        )
+        figures = c.measure_sync(
+            name=INTEGRATION,
+            partition=first.isoformat(),
+            last=last.isoformat() if last != first else None,
+            env=env,
+            dagster_home=home,
+            scratch=root / "out",
+            databases=[database],
+            timeout=timeout,
+            what=f"the {label} sync",
+            sql_timing=sql_timing,
+        )
+        simulator_peak = sim.read_peak()
+    partitions = (last - first).days + 1
+    result = {
+        "label": label,
+        "partitions": partitions,
+        "first_partition": first.isoformat(),
+        "last_partition": last.isoformat(),
+        "versions_served": sim.versions,
+        "load_average_before": load,
+        "simulator_peak_rss_mb": simulator_peak,
+        **figures,
+    }
+    loaded = figures["metadata"].get("master_data", {})
+    pg = figures["peak_rss_mb"]["postgres"]
+    print(
+        f"{label:>22}: {partitions} partition(s), {figures['rows']:,} rows; run "
+        f"{figures['run_seconds']:.2f} s = {figures['run_rows_per_second']:,} rows/s; whole "
+        f"process {figures['command_seconds']:.2f} s (load {load})\n"
+        + textwrap.indent(c.describe_stages(figures), " " * 24)
+        + f"\n{'':>24}peak RSS: sync process {figures['peak_rss_mb']['sync_process']} MB, "
+        f"simulator {simulator_peak} MB, PostgreSQL backend {pg['peak_rss_mb']} MB "
+        f"({pg['peak_private_mb']} MB private)\n"
+        f"{'':>24}master data: {loaded.get('sources_inserted', '?')} sources inserted, "
+        f"{loaded.get('rejected', '?')} rejected",
+        flush=True,
+    )
+    if "sql" in figures:
+        print(f"{'':>24}PostgreSQL statements by total time (SQLAlchemy; COPY not included):")
+        print(textwrap.indent(c.describe_sql(figures["sql"], width=90), " " * 24), flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=200_000)
+    parser.add_argument("--days", type=int, default=365, help="partitions of the backfill")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--timeout", type=float, default=3600, help="limit per sync, s")
+    parser.add_argument(
+        "--sql-timing", action="store_true", help="also list the slowest PostgreSQL statements"
+    )
+    args = parser.parse_args()
+    info = c.machine()
+    c.print_header("backfill: a year of partitions in one run vs one partition", info)
+    started = time.perf_counter()
+    first = LAST_DAY - timedelta(days=args.days - 1)
+    backfill = measure(
+        f"{args.days}-day backfill",
+        args.clients,
+        first,
+        LAST_DAY,
+        args.seed,
+        args.timeout,
+        args.sql_timing,
+    )
+    one_day = LAST_DAY + timedelta(days=1)
+    single = measure(
+        "one partition", args.clients, one_day, one_day, args.seed, args.timeout, args.sql_timing
+    )
+    ratio = backfill["run_rows_per_second"] / single["run_rows_per_second"]
+    print(
+        f"\nbackfill rows/s / one-partition rows/s = {ratio:.2f} "
+        f"({backfill['run_rows_per_second']:,} / {single['run_rows_per_second']:,})"
+    )
+    targets = [c.check_target("backfill rows/s as a share of one partition's", ratio, 0.8)]
+    path = c.save_results(
+        NAME,
+        {
+            "benchmark": NAME,
+            "targets": targets,
+            "command": c.reproduce_command(),
+            "machine": info,
+            "load_average_at_end": c.load_average(),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "backfill": backfill,
+            "one_partition": single,
+            "ratio": round(ratio, 3),
+        },
+    )
+    print(f"\nresults: {path.relative_to(c.REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
