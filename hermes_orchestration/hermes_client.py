@@ -11,7 +11,9 @@ header and never appears in a message, a hint, a log line or a repr.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import random
 import socket
@@ -305,6 +307,31 @@ class _Retry(Exception):
 
 
 # --- Client ---------------------------------------------------------------------------------
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _number_or_text(literal: str) -> float | str:
+    number = float(literal)
+    return number if math.isfinite(number) else literal
+
+
+def _int_or_text(literal: str) -> int | str:
+    number = int(literal)
+    return number if number in _INT64 else literal
+
+
+def _decode_json(content: bytes) -> Any:
+    """Decode a JSON body; numbers a double or int64 cannot hold are kept as their literal text.
+
+    orjson refuses a page that holds one number like 1e400 and rounds long integers; the standard
+    library reads such a page, and keeping those numbers as text loses nothing of what was sent.
+    """
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content, parse_float=_number_or_text, parse_int=_int_or_text)
 
 
 class HermesClient:
@@ -616,8 +643,8 @@ class HermesClient:
         status = response.status_code
         if status == 200:
             try:
-                return _Answer(orjson.loads(response.content), request_id)
-            except orjson.JSONDecodeError as err:
+                return _Answer(_decode_json(response.content), request_id)
+            except ValueError as err:
                 raise _Retry(
                     f"malformed or truncated JSON in a 200 answer ({err})",
                     request_id,

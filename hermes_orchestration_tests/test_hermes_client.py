@@ -805,3 +805,21 @@ class ScriptedSite:
     def __exit__(self, *exc_info: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def test_numbers_too_large_for_a_double_or_int64_are_kept_as_their_literal_text() -> None:
+    body = (
+        b'{"data": [{"id": "1", "updated_at": "2024-05-01T00:00:00Z", "custom_fields": '
+        b'{"puntos": 1e400, "ref": 123456789012345678901234567890, "n": 7}}], "next_cursor": null}'
+    )
+    with (
+        ScriptedSite([(200, {"Content-Type": "application/json"}, body)]) as site,
+        site.client() as client,
+    ):
+        (page,) = read_window(client, *MAY)
+
+    assert page.records[0]["custom_fields"] == {
+        "puntos": "1e400",
+        "ref": "123456789012345678901234567890",
+        "n": 7,
+    }
