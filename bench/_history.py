@@ -10,8 +10,9 @@ history spread over days. The copies go through the instance's own ``add_run`` a
 ``handle_new_event``, so run records, asset records, check records and every index are what real
 runs leave. Plain log messages (not Dagster events) are not copied.
 
-Speed-ups that leave the stored result unchanged: several worker processes, each copying the
-runs of a share of the integrations; on PostgreSQL, pooled connections (the instance's
+Speed-ups that leave the stored result unchanged: worker processes working in parallel, each
+copying a chunk of the runs (a chunk whose process is interrupted is resumed, not duplicated:
+``--resume``); on PostgreSQL, pooled connections (the instance's
 ``optimize_for_webserver``, as the webserver does) instead of one new connection per event; on
 SQLite, each run's event database copied from an initialized empty one instead of being created
 (tables and alembic stamp) on its first event.
@@ -148,27 +149,56 @@ def copy_runs(
     runs_per_integration: int,
     first_partition: date,
     now: float,
-) -> int:
-    """Copy the runs of ``slots``; run ``k`` of an integration syncs ``first_partition + k`` and
-    ends ``RUN_SPACING_SECONDS`` times its distance from the latest run before ``now``."""
-    failed = 0
+    resume: bool = False,
+) -> tuple[int, int]:
+    """Copy the runs of ``slots``; (runs copied, failed runs among the slots).
+
+    Run ``k`` of an integration syncs ``first_partition + k`` and ends ``RUN_SPACING_SECONDS``
+    times its distance from the latest run before ``now``. With ``resume``, slots whose run is
+    already stored and finished are skipped, and a run left unfinished by an interrupted copy is
+    deleted and copied again.
+    """
+    done = _finished_copies(instance, slots, first_partition) if resume else set()
+    copied = failed = 0
     for integration_index, run_index in slots:
         template = failure if fails(integration_index, run_index) else success
+        failed += template.failed
+        partition = (first_partition + timedelta(days=run_index)).isoformat()
+        if (integrations[integration_index], partition) in done:
+            continue
         add_copy(
             instance,
             template,
             integration=integrations[integration_index],
-            partition=(first_partition + timedelta(days=run_index)).isoformat(),
+            partition=partition,
             ends_at=now
             - (runs_per_integration - run_index) * RUN_SPACING_SECONDS
             + integration_index,
         )
-        failed += template.failed
-    return failed
+        copied += 1
+    return copied, failed
+
+
+_FINISHED = frozenset({dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE})
+
+
+def _finished_copies(
+    instance: dg.DagsterInstance, slots: Sequence[tuple[int, int]], first_partition: date
+) -> set[tuple[str, str]]:
+    """(integration, partition) of the slots' runs already stored; deletes unfinished ones."""
+    done: set[tuple[str, str]] = set()
+    for run_index in sorted({run_index for _, run_index in slots}):
+        partition = (first_partition + timedelta(days=run_index)).isoformat()
+        for run in instance.get_runs(dg.RunsFilter(tags={"dagster/partition": partition})):
+            if run.status in _FINISHED:
+                done.add((run.tags.get("integration", ""), partition))
+            else:
+                instance.delete_run(run.run_id)
+    return done
 
 
 def worker(args: argparse.Namespace) -> dict[str, int | float]:
-    """Copy the share of runs of worker ``args.worker`` of ``args.workers``."""
+    """Copy the runs of slots ``args.first_slot`` .. ``args.last_slot`` (excluded)."""
     instance = dg.DagsterInstance.from_config(args.home)
     try:
         # Pooled connections, as the webserver holds them (only PostgreSQL storage uses this).
@@ -176,21 +206,22 @@ def worker(args: argparse.Namespace) -> dict[str, int | float]:
         success = Template.read(instance, args.success_run, args.success_name, args.partition)
         failure = Template.read(instance, args.failure_run, args.failure_name, args.partition)
         names = [f"{args.prefix}{index:04d}" for index in range(args.integrations)]
-        slots = plan(args.integrations, args.runs)
-        mine = [slot for slot in slots if slot[0] % args.workers == args.worker]
+        slots = plan(args.integrations, args.runs)[args.first_slot : args.last_slot]
         started = time.perf_counter()
-        failed = copy_runs(
+        copied, failed = copy_runs(
             instance,
             success=success,
             failure=failure,
             integrations=names,
-            slots=mine,
+            slots=slots,
             runs_per_integration=-(-args.runs // args.integrations),
             first_partition=date.fromisoformat(args.first_partition),
             now=args.now,
+            resume=args.resume,
         )
         return {
-            "runs": len(mine),
+            "runs": len(slots),
+            "copied": copied,
             "failed_runs": failed,
             "events_per_success_run": len(success.events_json),
             "events_per_failed_run": len(failure.events_json),
@@ -213,8 +244,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, required=True)
     parser.add_argument("--first-partition", required=True)
     parser.add_argument("--now", type=float, required=True)
-    parser.add_argument("--worker", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--first-slot", type=int, default=0, help="first run of plan() to copy")
+    parser.add_argument("--last-slot", type=int, default=None, help="end of the slots (excluded)")
+    parser.add_argument(
+        "--resume", action="store_true", help="skip runs already copied (after an interruption)"
+    )
     json.dump(worker(parser.parse_args()), sys.stdout)
     return 0
 

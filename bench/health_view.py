@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -121,6 +122,10 @@ def make_templates(env: dict[str, str], scratch: Path, timeout: float) -> tuple[
     return c.last_json_line(ok.stdout)["run_id"], c.last_json_line(failed.stdout)["run_id"]
 
 
+CHUNK_RUNS = 500  # runs copied by one worker process
+CHUNK_ATTEMPTS = 3  # a chunk whose process is killed is resumed, this many times in all
+
+
 def copy_templates(
     env: dict[str, str],
     home: Path,
@@ -128,8 +133,8 @@ def copy_templates(
     args: argparse.Namespace,
     scratch: Path,
 ) -> dict[str, Any]:
-    """Copy the templates into ``args.runs`` runs over ``args.integrations`` integrations, with
-    ``args.workers`` processes (see ``_history.py``)."""
+    """Copy the templates into ``args.runs`` runs over ``args.integrations`` integrations:
+    chunks of ``CHUNK_RUNS`` runs, ``args.workers`` processes at a time (see ``_history.py``)."""
     success_id, failure_id = templates
     # Partitions from the day after the templates' one, one per run of an integration.
     first = date.fromisoformat(PARTITION) + timedelta(days=1)
@@ -140,25 +145,55 @@ def copy_templates(
         "--partition", PARTITION, "--prefix", PREFIX,
         "--integrations", str(args.integrations), "--runs", str(args.runs),
         "--first-partition", first.isoformat(), "--now", str(time.time()),
-        "--workers", str(args.workers),
     ]  # fmt: skip
     started = time.perf_counter()
-    workers = c.run_parallel(
-        [[*command, "--worker", str(index)] for index in range(args.workers)],
-        env=env,
-        timeout=args.timeout * 10,
-        scratch=scratch,
-    )
-    shares = [json.loads(w.check("a history worker").stdout) for w in workers]
+    progress: list[int] = [0]
+
+    def chunk(first_slot: int) -> dict[str, Any]:
+        slots = ["--first-slot", str(first_slot), "--last-slot", str(first_slot + CHUNK_RUNS)]
+        for attempt in range(1, CHUNK_ATTEMPTS + 1):
+            resume = ["--resume"] if attempt > 1 else []
+            measured = c.run_measured(
+                [*command, *slots, *resume], env=env, timeout=args.timeout, scratch=scratch
+            )
+            # Killed by a signal (negative status): resume the chunk in a new process.
+            if measured.returncode >= 0 or attempt == CHUNK_ATTEMPTS:
+                share = json.loads(measured.check("a history worker").stdout)
+                progress[0] += share["runs"]
+                print(
+                    f"      {progress[0]:,} runs ({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
+                return {**share, "attempts": attempt, "peak_rss_mb": measured.peak_rss_mb}
+            print(f"      a history worker was stopped ({measured.returncode}); resuming")
+        raise AssertionError("unreachable")
+
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        shares = list(pool.map(chunk, range(0, args.runs, CHUNK_RUNS)))
+    runs = sum(share["runs"] for share in shares) + 2  # the two templates are runs too
+    stored = _runs_in(home)
+    if stored != runs:
+        raise RuntimeError(f"the history should hold {runs} runs, the instance holds {stored}")
     return {
-        "runs": sum(share["runs"] for share in shares) + 2,  # the two templates are runs too
+        "runs": runs,
         "failed_runs": sum(share["failed_runs"] for share in shares) + 1,
         "events_per_success_run": shares[0]["events_per_success_run"],
         "events_per_failed_run": shares[0]["events_per_failed_run"],
         "workers": args.workers,
+        "resumed_chunks": sum(share["attempts"] > 1 for share in shares),
         "seconds": round(time.perf_counter() - started, 1),
-        "worker_peak_rss_mb": max(w.peak_rss_mb for w in workers),
+        "worker_peak_rss_mb": max(share["peak_rss_mb"] for share in shares),
     }
+
+
+def _runs_in(home: Path) -> int:
+    import dagster as dg
+
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        return instance.get_runs_count()
+    finally:
+        instance.dispose()
 
 
 def make_history(storage: str, site_url: str, folder: Path, args: argparse.Namespace) -> History:
