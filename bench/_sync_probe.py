@@ -38,7 +38,7 @@ def main() -> int:
 
     mark = time.perf_counter()
     # Importing the module builds ``defs`` from the integrations file, as the CLI's import does.
-    from hermes_orchestration.definitions import build_definitions
+    from hermes_orchestration.code_location import build_definitions
 
     timings["definitions_module_import"] = time.perf_counter() - mark
 

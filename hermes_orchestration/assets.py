@@ -35,6 +35,11 @@ def integration_asset_keys(integration: Integration) -> list[dg.AssetKey]:
     return [asset_key(integration, name) for name in (RAW_CLIENTS, VALIDATED_CLIENTS, MASTER_DATA)]
 
 
+def pool_name(integration: Integration) -> str:
+    """The concurrency pool of an integration's assets: ``hermes_<name>``."""
+    return f"hermes_{integration.name}"
+
+
 def run_tags(integration: Integration) -> dict[str, str]:
     """The tags that every run of an integration carries, however it was launched."""
     return {"integration": integration.name, "master_database": integration.master_database}
@@ -47,7 +52,7 @@ def build_integration_assets(integration: Integration) -> Sequence[dg.AssetsDefi
         "group_name": integration.name,
         "backfill_policy": dg.BackfillPolicy.single_run(),
         # One pool per site: runs of one integration never exceed its rate limit together.
-        "pool": f"hermes_{integration.name}",
+        "pool": pool_name(integration),
         "tags": run_tags(integration),
     }
     raw_key = asset_key(integration, RAW_CLIENTS)

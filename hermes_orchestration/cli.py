@@ -115,7 +115,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Sync one integration now, as a run recorded in the Dagster instance ($DAGSTER_HOME)."""
-    from hermes_orchestration.definitions import build_definitions
+    from hermes_orchestration.code_location import build_definitions
     from hermes_orchestration.launch import sync_now
 
     config, integration = _integration(args)

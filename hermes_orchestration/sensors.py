@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
+from hermes_orchestration.assets import pool_name
 from hermes_orchestration.checks import GUARD_SENSOR_NAME, health_evaluation
 from hermes_orchestration.config import Integration, IntegrationsConfig
 from hermes_orchestration.health import IntegrationCard, failure_summary, integration_cards
@@ -64,11 +65,6 @@ OVERLAP_SECONDS = 300
 _SUMMARY_ACTIONS = 12
 
 Verify = Callable[[Integration], VerifyOutcome]
-
-
-def pool_name(integration: Integration) -> str:
-    """The concurrency pool of the integration's assets (set on them in assets.py)."""
-    return f"hermes_{integration.name}"
 
 
 @dataclass

@@ -41,8 +41,8 @@ import psycopg
 import sqlalchemy as sa
 
 from hermes_orchestration import masterdata_schema as ms
+from hermes_orchestration.code_location import build_definitions
 from hermes_orchestration.config import Integration, IntegrationsConfig, load_integrations
-from hermes_orchestration.definitions import build_definitions
 from hermes_orchestration.launch import sync_now
 from hermes_orchestration.masterdata import MasterDataStore
 from hermes_orchestration.resources import HermesApiResource, MasterDataResource, StagingResource

@@ -16,8 +16,8 @@ from dagster._core.definitions.sensor_definition import SensorExecutionData
 
 from hermes_orchestration.assets import MASTER_DATA, asset_key
 from hermes_orchestration.checks import HEALTH_CHECK
+from hermes_orchestration.code_location import build_definitions
 from hermes_orchestration.config import Integration, IntegrationsConfig, load_integrations
-from hermes_orchestration.definitions import build_definitions
 from hermes_orchestration.launch import sync_now
 from hermes_orchestration.sensors import GUARD_SENSOR
 from hermes_orchestration.simulator import HermesSimulator

@@ -18,8 +18,8 @@ import pytest
 import sqlalchemy as sa
 
 from hermes_orchestration.assets import MASTER_DATA, RAW_CLIENTS, VALIDATED_CLIENTS
+from hermes_orchestration.code_location import build_definitions
 from hermes_orchestration.config import load_integrations
-from hermes_orchestration.definitions import build_definitions
 from hermes_orchestration.launch import sync_now
 from hermes_orchestration.simulator import HermesSimulator
 from hermes_orchestration_tests.conftest import SIM_PARTITIONS, TOKEN

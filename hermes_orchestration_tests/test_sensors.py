@@ -15,7 +15,7 @@ from dagster._core.test_utils import in_process_test_workspace
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster_graphql.test.utils import materialize_assets
 
-from hermes_orchestration.assets import integration_asset_keys
+from hermes_orchestration.assets import integration_asset_keys, pool_name
 from hermes_orchestration.schedules import schedule_name
 from hermes_orchestration.sensors import (
     GUARD_SENSOR,
@@ -24,7 +24,6 @@ from hermes_orchestration.sensors import (
     REVERIFY_EVERY_SECONDS,
     TICK_SECONDS,
     build_guard_sensor,
-    pool_name,
 )
 from hermes_orchestration.switch import PausedBy, pause, read_switch
 from hermes_orchestration.sync import FAILURE_TAG, HTTP_STATUS_TAG
