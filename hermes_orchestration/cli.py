@@ -121,7 +121,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     config, integration = _integration(args)
     with _instance() as instance:
         result = sync_now(
-            build_definitions(config), integration, instance, first=args.partition, last=args.to
+            build_definitions(config),
+            integration,
+            instance,
+            first=args.partition,
+            last=args.to,
+            full=args.full,
         )
     if result.success:
         summary = _summary(result, integration)
@@ -244,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("name", help="integration name")
     sync.add_argument("--partition", default=None, help="partition key (default: the current one)")
     sync.add_argument("--to", default=None, help="last partition key of a range (one run)")
+    sync.add_argument(
+        "--full",
+        action="store_true",
+        help="validate and load every partition again, even those unchanged since their last sync",
+    )
     _add_file_argument(sync)
     sync.set_defaults(func=cmd_sync)
 

@@ -14,6 +14,7 @@ from hermes_orchestration.assets import integration_asset_keys, run_tags
 from hermes_orchestration.config import Integration
 from hermes_orchestration.jobs import sync_job_name
 from hermes_orchestration.partitions import partitions_def_for
+from hermes_orchestration.sync import FULL_SYNC_TAG
 
 
 def current_partition_key(integration: Integration, now: datetime | None = None) -> str:
@@ -34,11 +35,17 @@ def sync_now(
     *,
     first: str | None = None,
     last: str | None = None,
+    full: bool = False,
 ) -> dg.ExecuteInProcessResult:
-    """Sync partitions ``first``..``last`` (default: the current one) as one run."""
+    """Sync partitions ``first``..``last`` (default: the current one) as one run.
+
+    ``full`` validates and loads every partition even where nothing changed since its last sync.
+    """
     first = first or current_partition_key(integration)
     last = last or first
     tags = dict(run_tags(integration))
+    if full:
+        tags[FULL_SYNC_TAG] = "true"
     if first == last:
         tags["dagster/partition"] = first
     else:

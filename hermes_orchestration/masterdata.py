@@ -177,11 +177,13 @@ class MasterDataStore:
         partition_key: str,
         valid: pa.Table | Iterable[pa.RecordBatch],
         rejected: pa.Table,
+        content: str | None = None,
     ) -> LoadResult:
         """Merge one partition into ``master_database`` in one transaction (all or nothing).
 
         ``valid`` holds ``CLEAN_SCHEMA`` rows (a table or a stream of batches) and ``rejected``
         ``REJECTED_SCHEMA`` rows. Loading the same partition again changes nothing.
+        ``content``, a digest of what is loaded, is recorded with the load (see ``unchanged``).
 
         Raises:
             PartitionInputError: the rows do not fit their schema; nothing was written.
@@ -201,7 +203,7 @@ class MasterDataStore:
             with self._engine.connect().execution_options(preserve_rowcount=True) as conn:
                 try:
                     rows = _stage(conn, valid)
-                    merge = _Merge(conn, integration, master_database, partition_key)
+                    merge = _Merge(conn, integration, master_database, partition_key, content)
                     result = _with_retries(conn, lambda: merge.run(rows, rejected_rows))
                 finally:
                     _drop_stage(conn)
@@ -221,6 +223,48 @@ class MasterDataStore:
             result.rejected,
         )  # fmt: skip
         return result
+
+    def unchanged(
+        self, *, integration: str, master_database: str, partition_key: str, content: str
+    ) -> LoadResult | None:
+        """The result of loading a partition again, if its latest load was of ``content`` into
+        ``master_database``: nothing would change, so nothing needs to be done. Else None."""
+        loads, databases = ms.partition_loads, ms.master_databases
+        query = (
+            sa.select(loads.c.rows, loads.c.rejected, databases.c.updated_at)
+            .join(databases, databases.c.name == loads.c.master_database)
+            .where(
+                loads.c.integration == integration,
+                loads.c.partition_key == partition_key,
+                loads.c.master_database == master_database,
+                loads.c.content == content,
+            )
+        )
+        try:
+            with self._engine.connect() as conn, _transaction(conn, write=False):
+                row = conn.execute(query).one_or_none()
+        except SQLAlchemyError as err:
+            raise MasterDataError(
+                f"could not read the loads of integration {integration!r} at "
+                f"{self.display_url}: {_reason(err)}"
+            ) from err
+        if row is None:
+            return None
+        return LoadResult(
+            master_database=master_database,
+            partition_key=partition_key,
+            rows=row.rows,
+            sources_inserted=0,
+            sources_updated=0,
+            sources_unchanged=row.rows,
+            contacts_inserted=0,
+            contacts_updated=0,
+            contacts_unchanged=0,
+            contacts_deleted=0,
+            contacts_revived=0,
+            rejected=row.rejected,
+            master_database_updated_at=row.updated_at,
+        )
 
     def master_database_info(self, name: str) -> tuple[datetime, datetime] | None:
         """``(created_at, updated_at)`` of a master database, or None if it was never loaded."""
@@ -490,12 +534,18 @@ class _Merge:
     """The set-based merge of the staged rows, run inside the load transaction."""
 
     def __init__(
-        self, conn: Connection, integration: str, master_database: str, partition_key: str
+        self,
+        conn: Connection,
+        integration: str,
+        master_database: str,
+        partition_key: str,
+        content: str | None,
     ) -> None:
         self.conn = conn
         self.integration = integration
         self.master_database = master_database
         self.partition_key = partition_key
+        self.content = content
         self.now = datetime.now(UTC)  # the load time, set again by each attempt
 
     def run(self, rows: int, rejected_rows: pa.Table) -> LoadResult:
@@ -525,6 +575,7 @@ class _Merge:
             )
         for table in reversed(ms.MERGE_TABLES):
             conn.execute(DropTable(table))
+        self._record_load(rows, rejected_rows.num_rows)
         updated_at = conn.scalar(
             sa.select(ms.master_databases.c.updated_at).where(
                 ms.master_databases.c.name == self.master_database
@@ -553,6 +604,28 @@ class _Merge:
             name=self.master_database, created_at=self.now, updated_at=self.now
         )
         self.conn.execute(statement.on_conflict_do_nothing(index_elements=[table.c.name]))
+
+    def _record_load(self, rows: int, rejected: int) -> None:
+        """Note what this load loaded (forgotten when its content is not known)."""
+        table = ms.partition_loads
+        self.conn.execute(
+            sa.delete(table).where(
+                table.c.integration == self.integration,
+                table.c.partition_key == self.partition_key,
+            )
+        )
+        if self.content is not None:
+            self.conn.execute(
+                sa.insert(table).values(
+                    integration=self.integration,
+                    partition_key=self.partition_key,
+                    master_database=self.master_database,
+                    content=self.content,
+                    rows=rows,
+                    rejected=rejected,
+                    loaded_at=self.now,
+                )
+            )
 
     def _replace_rejected(self, rejected_rows: pa.Table) -> None:
         table = ms.rejected_clients

@@ -7,6 +7,8 @@
 - ``contact_sources``: the latest known version of every Hermes client of every integration,
   with its own field values, so that any contact can be recomputed from its sources.
 - ``rejected_clients``: the rows of each partition that validation rejected, with reason codes.
+- ``partition_loads``: what the latest load of each partition loaded (a digest of its validated
+  content), so that a re-sync of unchanged content can skip the merge.
 
 The loads keep the links between the tables consistent under their lock; there are no foreign
 keys because their per-row checks would double the cost of bulk loads. The ``hermes_*`` temporary
@@ -129,6 +131,18 @@ rejected_clients = sa.Table(
     sa.Column("record", sa.Text, nullable=False),  # the raw record, as JSON
     sa.Column("rejected_at", UtcDateTime, nullable=False),
     sa.Index("ix_rejected_clients_partition", "integration", "partition_key"),
+)
+
+partition_loads = sa.Table(
+    "partition_loads",
+    METADATA,
+    sa.Column("integration", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("master_database", sa.Text, nullable=False),
+    sa.Column("content", sa.Text, nullable=False),  # fingerprints.loaded_from(...)
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("rejected", sa.Integer, nullable=False),
+    sa.Column("loaded_at", UtcDateTime, nullable=False),
 )
 
 

@@ -145,29 +145,34 @@ def records_to_batch(records: Sequence[Any]) -> pa.RecordBatch:
     return _general_batch(records)
 
 
-def _typed_batch(records: Sequence[Any]) -> pa.RecordBatch:
+def _typed_batch(records: Sequence[dict[str, Any]]) -> pa.RecordBatch:
     typed = pa.array(records, type=_TYPED)
     columns = {name: typed.field(name) for name in _TEXT_FIELDS}
     columns["accepts_marketing"] = pc.cast(typed.field("accepts_marketing"), pa.string())
     dumps = orjson.dumps
-    custom: list[str | None] = []
-    unknown: list[str | None] = []
-    whole: list[str] = []
-    for record in records:
-        value = record.get("custom_fields")
-        custom.append(value if value is None or isinstance(value, str) else dumps(value).decode())
-        if record.keys() - _KNOWN:
-            extra = {key: item for key, item in record.items() if key not in _KNOWN}
-            unknown.append(dumps(extra, option=orjson.OPT_NON_STR_KEYS).decode())
-        else:
-            unknown.append(None)
-        whole.append(dumps(record, option=orjson.OPT_NON_STR_KEYS).decode())
-    columns["custom_fields"] = pa.array(custom, pa.string())
-    columns["unknown_fields"] = pa.array(unknown, pa.string())
-    columns["record"] = pa.array(whole, pa.string())
+    custom = [record.get("custom_fields") for record in records]
+    columns["custom_fields"] = pa.array(
+        [value if value is None or isinstance(value, str) else dumps(value).decode()
+         for value in custom],
+        pa.string(),
+    )  # fmt: skip
+    if set().union(*records) <= _KNOWN:  # the common case: no property beyond the contract's
+        columns["unknown_fields"] = pa.nulls(len(records), pa.string())
+    else:
+        columns["unknown_fields"] = pa.array([_unknown(record) for record in records], pa.string())
+    columns["record"] = pa.array(
+        [dumps(record, option=orjson.OPT_NON_STR_KEYS).decode() for record in records], pa.string()
+    )
     return pa.RecordBatch.from_arrays(
         [columns[name] for name in RAW_SCHEMA.names], schema=RAW_SCHEMA
     )
+
+
+def _unknown(record: Mapping[str, Any]) -> str | None:
+    if not record.keys() - _KNOWN:
+        return None
+    extra = {key: item for key, item in record.items() if key not in _KNOWN}
+    return orjson.dumps(extra, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _general_batch(records: Iterable[Any]) -> pa.RecordBatch:

@@ -22,6 +22,12 @@ RAW = "raw_clients"
 VALID = "validated_clients"
 REJECTED = "rejected_clients"
 
+# Rows gathered before they are written as one Parquet row group: pages of a thousand rows each
+# as a row group of their own would make files slow to write and slower to read.
+ROW_GROUP_ROWS = 32_768
+# LZ4 decompresses several times faster than zstd; staged files are short-lived scratch data.
+COMPRESSION = "lz4"
+
 
 class MissingStagedDataError(Exception):
     """An upstream partition has not been materialized yet."""
@@ -48,6 +54,18 @@ class PartitionStaging:
             )
         return pq.read_table(path)
 
+    def metadata(self, stage: str, partition_key: str) -> dict[str, str]:
+        """The key-value metadata a staged file was written with ({} when absent)."""
+        path = self.path(stage, partition_key)
+        if not path.exists():
+            return {}
+        stored = pq.read_metadata(path).metadata or {}
+        return {
+            key.decode(): value.decode()
+            for key, value in stored.items()
+            if not key.startswith(b"ARROW:")  # Arrow's own copy of the schema
+        }
+
     def exists(self, stage: str, partition_key: str) -> bool:
         """Whether a partition's file of ``stage`` has been written."""
         return self.path(stage, partition_key).exists()
@@ -63,7 +81,7 @@ class PartitionStaging:
             writes.close()
             writes.publish()
         finally:
-            writes.close()
+            writes.close(discard=True)
             shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -74,6 +92,7 @@ class StagedWrites:
         self._staging = staging
         self._scratch = scratch
         self._writers: dict[tuple[str, str], pq.ParquetWriter] = {}
+        self._pending: dict[tuple[str, str], list[pa.RecordBatch]] = {}
         self._files: dict[tuple[str, str], Path] = {}
 
     def writer(self, stage: str, partition_key: str, schema: pa.Schema) -> pq.ParquetWriter:
@@ -83,24 +102,44 @@ class StagedWrites:
         if writer is None:
             path = self._scratch / stage / f"{_safe(partition_key)}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
-            writer = pq.ParquetWriter(path, schema, compression="zstd")
+            writer = pq.ParquetWriter(path, schema, compression=COMPRESSION)
             self._writers[key] = writer
             self._files[key] = path
         return writer
 
     def write(self, stage: str, partition_key: str, data: pa.Table | pa.RecordBatch) -> None:
-        """Append a table or batch to a partition's file."""
+        """Append a table or batch to a partition's file (small batches are gathered first)."""
+        key = (stage, partition_key)
         writer = self.writer(stage, partition_key, data.schema)
-        if isinstance(data, pa.RecordBatch):
-            writer.write_batch(data)
-        else:
-            writer.write_table(data)
+        pending = self._pending.setdefault(key, [])
+        pending.extend([data] if isinstance(data, pa.RecordBatch) else data.to_batches())
+        if sum(batch.num_rows for batch in pending) >= ROW_GROUP_ROWS:
+            self._flush(key, writer)
 
-    def close(self) -> None:
-        """Close every open writer (idempotent)."""
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
+    def annotate(self, stage: str, partition_key: str, metadata: dict[str, str]) -> None:
+        """Add key-value metadata to a partition's file being written (read back by
+        ``PartitionStaging.metadata``)."""
+        key = (stage, partition_key)
+        if key not in self._writers:
+            raise KeyError(f"nothing was written to {stage} for partition {partition_key}")
+        self._writers[key].add_key_value_metadata(metadata)
+
+    def _flush(self, key: tuple[str, str], writer: pq.ParquetWriter) -> None:
+        pending = self._pending.pop(key, [])
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending))
+
+    def close(self, *, discard: bool = False) -> None:
+        """Write what is gathered (unless ``discard``) and close every open writer (idempotent)."""
+        try:
+            if not discard:
+                for key, writer in self._writers.items():
+                    self._flush(key, writer)
+        finally:
+            for writer in self._writers.values():
+                writer.close()
+            self._writers.clear()
+            self._pending.clear()
 
     def publish(self) -> None:
         """Move the finished files into place, each with one atomic rename."""

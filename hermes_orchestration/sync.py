@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import bisect
 import re
+import time
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from hermes_orchestration.config import Integration
+from hermes_orchestration.fingerprints import (
+    CONTENT_KEY,
+    SUMMARY_KEY,
+    ContentDigest,
+    loaded_from,
+    validated_from,
+)
 from hermes_orchestration.hermes_client import (
     AuthError,
     CursorExpiredError,
@@ -27,7 +37,7 @@ from hermes_orchestration.hermes_client import (
 from hermes_orchestration.partitions import partitions_def_for
 from hermes_orchestration.records import RAW_SCHEMA, records_to_batch
 from hermes_orchestration.staging import RAW, REJECTED, VALID
-from hermes_orchestration.validation import validate_partition
+from hermes_orchestration.validation import ValidationResult, validate_partition
 
 # A cursor that expires mid-window restarts the window from its first page, this many times.
 MAX_WINDOW_RESTARTS = 3
@@ -37,6 +47,9 @@ MAX_WINDOW_RESTARTS = 3
 FAILURE_TAG = "hermes/failure"
 HTTP_STATUS_TAG = "hermes/http_status"
 CREDENTIALS_FAILURE = "credentials"  # the site refused the App Token (401) or its scope (403)
+# A run tagged ``hermes/full_sync: true`` validates and loads every partition again, even those
+# whose content has not changed since they were last validated and loaded.
+FULL_SYNC_TAG = "hermes/full_sync"
 
 
 def tag_run(context: dg.AssetExecutionContext, integration: Integration) -> None:
@@ -72,12 +85,14 @@ def fetch_raw_clients(
     keys = list(context.partition_keys)
     windows = [partitions_def.time_window_for_partition_key(key) for key in keys]
     since, until = windows[0].start, windows[-1].end
+    window = f"[{since.isoformat()}, {until.isoformat()})"
     starts = [window.start.timestamp() for window in windows[1:]]
     staging = context.resources.staging.for_integration(integration)
 
     for attempt in range(1, MAX_WINDOW_RESTARTS + 1):
         counts = [0] * len(keys)
-        pages = 0
+        digests = [ContentDigest() for _ in keys]
+        progress = _Progress(context.log, window)
         try:
             with (
                 context.resources.hermes_api.client(integration, logger=context.log) as client,
@@ -85,52 +100,97 @@ def fetch_raw_clients(
             ):
                 current = 0
                 for page in client.iter_pages(since, until):
-                    pages += 1
-                    buckets: dict[int, list[Any]] = {}
-                    for record in page.records:
-                        instant = (
-                            _instant(record.get("updated_at")) if isinstance(record, dict) else None
-                        )
-                        if instant is not None:
-                            current = min(bisect.bisect_right(starts, instant), len(keys) - 1)
-                        # A row without a usable updated_at stays with its neighbours (the listing
-                        # is ordered by updated_at); validation rejects it visibly.
-                        buckets.setdefault(current, []).append(record)
-                    for index, records in buckets.items():
-                        writes.write(RAW, keys[index], records_to_batch(records))
+                    if starts:
+                        buckets, current = _by_partition(page.records, starts, current)
+                    else:  # one partition: every row is its own
+                        buckets = [(0, page.records)]
+                    for index, records in buckets:
+                        batch = records_to_batch(records)
+                        writes.write(RAW, keys[index], batch)
+                        digests[index].update(batch)
                         counts[index] += len(records)
-                    context.log.info(
-                        f"page {page.number}: {len(page.records)} clients of window "
-                        f"[{since.isoformat()}, {until.isoformat()}) "
-                        f"(request id {page.request_id})"
-                    )
+                    progress.page(page)
                 for index, key in enumerate(keys):
                     if counts[index] == 0:
                         writes.write(RAW, key, RAW_SCHEMA.empty_table())
+                    writes.annotate(RAW, key, {CONTENT_KEY: digests[index].hexdigest()})
             break
         except CursorExpiredError as err:
             if attempt == MAX_WINDOW_RESTARTS:
                 _tag_failure(context, err)
                 raise _failure(integration, err) from err
             context.log.warning(
-                f"the listing cursor expired on page {pages + 1}; restarting the window from "
-                f"its first page (attempt {attempt + 1} of {MAX_WINDOW_RESTARTS}); "
+                f"the listing cursor expired on page {progress.pages + 1}; restarting the window "
+                f"from its first page (attempt {attempt + 1} of {MAX_WINDOW_RESTARTS}); "
                 f"request id {err.request_id}"
             )
         except HermesError as err:
             _tag_failure(context, err)
             raise _failure(integration, err) from err
-
-    total = sum(counts)
+    progress.done()
     return dg.MaterializeResult(
         metadata={
-            "rows_fetched": total,
-            "pages": pages,
+            "rows_fetched": sum(counts),
+            "pages": progress.pages,
             "window_start": since.isoformat(),
             "window_end": until.isoformat(),
             "partitions": len(keys),
         }
     )
+
+
+def _by_partition(
+    records: list[Any], starts: list[float], current: int
+) -> tuple[list[tuple[int, list[Any]]], int]:
+    """A page's rows grouped by the index of their partition, and the partition of its last row.
+
+    ``starts`` are the start instants of the run's partitions but the first; ``current`` is the
+    partition of the previous page's last row.
+    """
+    buckets: dict[int, list[Any]] = {}
+    for record in records:
+        instant = _instant(record.get("updated_at")) if isinstance(record, dict) else None
+        if instant is not None:
+            current = bisect.bisect_right(starts, instant)
+        # A row without a usable updated_at stays with its neighbours (the listing is ordered by
+        # updated_at); validation rejects it visibly.
+        buckets.setdefault(current, []).append(record)
+    return list(buckets.items()), current
+
+
+class _Progress:
+    """Logs a fetch's progress: its first page, then at most one line per ``every`` seconds.
+
+    One Dagster event per page would cost as much as decoding the page; the request id of the
+    latest page is in every line, and every failure names its own.
+    """
+
+    every = 5.0
+
+    def __init__(self, log: Any, window: str) -> None:
+        self._log = log
+        self._window = window
+        self._last = 0.0
+        self.pages = self.clients = 0
+        self._request_id: str | None = None
+
+    def page(self, page: Any) -> None:
+        self.pages += 1
+        self.clients += len(page.records)
+        self._request_id = page.request_id
+        now = time.monotonic()
+        if self.pages == 1 or now - self._last >= self.every:
+            self._last = now
+            self._write("so far")
+
+    def done(self) -> None:
+        self._write("in all")
+
+    def _write(self, when: str) -> None:
+        self._log.info(
+            f"page {self.pages}: {self.clients} clients {when} of window {self._window} "
+            f"(request id {self._request_id})"
+        )
 
 
 def failure_kind(err: HermesError) -> str:
@@ -162,39 +222,97 @@ def _failure(integration: Integration, err: HermesError) -> dg.Failure:
     )
 
 
+@dataclass
+class _Validated:
+    """The counts of a partition's validation, summed over the partitions of a run."""
+
+    rows_in: int = 0
+    valid: int = 0
+    rejected: int = 0
+    duplicates_dropped: int = 0
+    duplicate_ids: int = 0
+    missing_required: int = 0
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    cleared_by_reason: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, result: ValidationResult) -> _Validated:
+        return cls(
+            rows_in=result.rows_in,
+            valid=result.valid.num_rows,
+            rejected=result.rejected.num_rows,
+            duplicates_dropped=result.duplicates_dropped,
+            duplicate_ids=_duplicate_ids(result.valid),
+            missing_required=_missing_required(result.valid),
+            rejected_by_reason=Counter(result.rejected_by_reason),
+            cleared_by_reason=Counter(result.cleared_by_reason),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> _Validated:
+        values = orjson.loads(text)
+        for name in ("rejected_by_reason", "cleared_by_reason"):
+            values[name] = Counter(values[name])
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return orjson.dumps(vars(self)).decode()  # (asdict would mangle the Counters)
+
+    def add(self, other: _Validated) -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
 def validate_clients(
     context: dg.AssetExecutionContext, integration: Integration
 ) -> dg.MaterializeResult:
-    """Validate each partition of the run and stage its valid and rejected rows."""
+    """Validate each partition of the run and stage its valid and rejected rows.
+
+    A partition whose raw content, rules and settings are those of its staged validation is not
+    validated again (unless the run is tagged for a full sync): its staged result stands.
+    """
     tag_run(context, integration)
     staging = context.resources.staging.for_integration(integration)
     today = datetime.now(UTC).astimezone(integration.zone).date()
-    rows_in = valid_rows = duplicates = 0
-    rejected_by_reason: Counter[str] = Counter()
-    cleared_by_reason: Counter[str] = Counter()
-    duplicate_ids = 0
-    missing_required = 0
-    rejected_rows = 0
+    totals = _Validated()
+    unchanged = 0
     with staging.transaction() as writes:
         for key in context.partition_keys:
+            source = validated_from(
+                staging.metadata(RAW, key).get(CONTENT_KEY, ""),
+                default_country=integration.default_country,
+                today=today,
+            )
+            staged = staging.metadata(VALID, key)
+            if (
+                not full_sync(context)
+                and staged.get(CONTENT_KEY) == source
+                and staging.metadata(REJECTED, key).get(CONTENT_KEY) == source
+                and SUMMARY_KEY in staged
+            ):
+                totals.add(_Validated.from_json(staged[SUMMARY_KEY]))
+                unchanged += 1
+                continue
             result = validate_partition(
                 staging.read(RAW, key), default_country=integration.default_country, today=today
             )
+            counts = _Validated.of(result)
             writes.write(VALID, key, result.valid)
             writes.write(REJECTED, key, result.rejected)
-            rows_in += result.rows_in
-            valid_rows += result.valid.num_rows
-            rejected_rows += result.rejected.num_rows
-            duplicates += result.duplicates_dropped
-            rejected_by_reason.update(result.rejected_by_reason)
-            cleared_by_reason.update(result.cleared_by_reason)
-            duplicate_ids += _duplicate_ids(result.valid)
-            missing_required += _missing_required(result.valid)
+            writes.annotate(VALID, key, {CONTENT_KEY: source, SUMMARY_KEY: counts.to_json()})
+            writes.annotate(REJECTED, key, {CONTENT_KEY: source})
+            totals.add(counts)
+    if unchanged:
+        context.log.info(
+            f"{unchanged} of {len(context.partition_keys)} partitions unchanged since their "
+            "last validation: their staged result stands"
+        )
+    rejected_by_reason = totals.rejected_by_reason
     if rejected_by_reason:
         context.log.info(f"rejected rows by reason: {dict(rejected_by_reason.most_common())}")
 
-    considered = valid_rows + rejected_rows
-    ratio = rejected_rows / considered if considered else 0.0
+    considered = totals.valid + totals.rejected
+    ratio = totals.rejected / considered if considered else 0.0
     top = ", ".join(f"{code}: {count}" for code, count in rejected_by_reason.most_common(3))
     checks = [
         dg.AssetCheckResult(
@@ -202,33 +320,39 @@ def validate_clients(
             passed=ratio <= integration.max_reject_ratio,
             severity=dg.AssetCheckSeverity.ERROR,
             description=(
-                f"{rejected_rows} of {considered} rows rejected ({ratio:.2%}); the limit is "
+                f"{totals.rejected} of {considered} rows rejected ({ratio:.2%}); the limit is "
                 f"{integration.max_reject_ratio:.2%}. Top reasons: {top or 'none'}."
             ),
-            metadata={"reject_ratio": ratio, "rejected": rejected_rows, "rows": considered},
+            metadata={"reject_ratio": ratio, "rejected": totals.rejected, "rows": considered},
         ),
         dg.AssetCheckResult(
             check_name="no_duplicate_ids",
-            passed=duplicate_ids == 0,
-            metadata={"duplicate_ids": duplicate_ids},
+            passed=totals.duplicate_ids == 0,
+            metadata={"duplicate_ids": totals.duplicate_ids},
         ),
         dg.AssetCheckResult(
             check_name="required_fields_present",
-            passed=missing_required == 0,
-            metadata={"rows_missing_required_fields": missing_required},
+            passed=totals.missing_required == 0,
+            metadata={"rows_missing_required_fields": totals.missing_required},
         ),
     ]
     return dg.MaterializeResult(
         metadata={
-            "rows_fetched": rows_in,
-            "rows_valid": valid_rows,
-            "rows_rejected": rejected_rows,
-            "duplicates_dropped": duplicates,
+            "rows_fetched": totals.rows_in,
+            "rows_valid": totals.valid,
+            "rows_rejected": totals.rejected,
+            "duplicates_dropped": totals.duplicates_dropped,
             "rejected_by_reason": dict(rejected_by_reason),
-            "fields_cleared_by_reason": dict(cleared_by_reason),
+            "fields_cleared_by_reason": dict(totals.cleared_by_reason),
+            "partitions_unchanged": unchanged,
         },
         check_results=checks,
     )
+
+
+def full_sync(context: dg.AssetExecutionContext) -> bool:
+    """Whether the run is tagged to validate and load every partition, changed or not."""
+    return context.run.tags.get(FULL_SYNC_TAG, "").lower() == "true"
 
 
 def _duplicate_ids(valid: pa.Table) -> int:
@@ -249,34 +373,58 @@ def _missing_required(valid: pa.Table) -> int:
 def load_master_data(
     context: dg.AssetExecutionContext, integration: Integration
 ) -> dg.MaterializeResult:
-    """Load each partition of the run into the master database, one transaction per partition."""
+    """Load each partition of the run into the master database, one transaction per partition.
+
+    A partition whose validated content is what its latest load loaded into the same master
+    database is not merged again (unless the run is tagged for a full sync): nothing would change.
+    """
     tag_run(context, integration)
     staging = context.resources.staging.for_integration(integration)
     store = context.resources.masterdata.store
     store.ensure_schema()
     totals: Counter[str] = Counter()
     rejected_by_reason: Counter[str] = Counter()
+    unchanged = 0
     last = None
     for key in context.partition_keys:
         rejected = staging.read(REJECTED, key)
         rejected_by_reason.update(_reason_counts(rejected))
-        result = store.load_partition(
-            integration=integration.name,
-            master_database=integration.master_database,
-            partition_key=key,
-            valid=staging.read(VALID, key),
-            rejected=rejected,
-        )
+        validated = staging.metadata(VALID, key).get(CONTENT_KEY)
+        content = loaded_from(validated) if validated else None
+        result = None
+        if content is not None and not full_sync(context):
+            result = store.unchanged(
+                integration=integration.name,
+                master_database=integration.master_database,
+                partition_key=key,
+                content=content,
+            )
+            unchanged += result is not None
+        if result is None:
+            result = store.load_partition(
+                integration=integration.name,
+                master_database=integration.master_database,
+                partition_key=key,
+                valid=staging.read(VALID, key),
+                rejected=rejected,
+                content=content,
+            )
         for name, value in result.as_metadata().items():
             if isinstance(value, int) and not isinstance(value, bool):
                 totals[name] += value
         last = result
     assert last is not None  # a run always has at least one partition
+    if unchanged:
+        context.log.info(
+            f"{unchanged} of {len(context.partition_keys)} partitions already loaded with the "
+            f"same content into master database '{integration.master_database}': not merged again"
+        )
     info = store.master_database_info(integration.master_database)
     updated_at = info[1] if info else last.master_database_updated_at
     return dg.MaterializeResult(
         metadata={
             **{name: int(value) for name, value in totals.items()},
+            "partitions_unchanged": unchanged,
             "rejected_by_reason": dict(rejected_by_reason.most_common()),
             "master_database": integration.master_database,
             "master_database_updated_at": dg.MetadataValue.timestamp(updated_at),

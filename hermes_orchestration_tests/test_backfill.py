@@ -8,8 +8,10 @@ mutation the UI sends, the backfill daemon's iteration, and the run launched in 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
@@ -172,11 +174,21 @@ def test_a_sync_run_logs_pages_retries_and_rejects(tmp_path, monkeypatch, state_
             result = sync(defs, config.get("tienda_inestable"), instance, SIM_PARTITIONS[1])
             assert result.success
             messages = [record.user_message for record in instance.all_logs(result.run_id)]
-    pages = [message for message in messages if message.startswith("page ")]
-    assert len(pages) >= 2
-    for message in pages:
-        assert "clients of window [2026-11-03T00:00:00-03:00, 2026-11-04T00:00:00-03:00)" in message
-        assert "(request id " in message
+        served = site.dataset.count(
+            datetime.fromisoformat("2026-11-03T00:00:00-03:00"),
+            datetime.fromisoformat("2026-11-04T00:00:00-03:00"),
+        )
+    # Progress: the first page, then at most a line every few seconds, and the whole at the end.
+    progress = [message for message in messages if message.startswith("page ")]
+    window = "of window [2026-11-03T00:00:00-03:00, 2026-11-04T00:00:00-03:00)"
+    assert progress[0].startswith(f"page 1: 25 clients so far {window} (request id ")
+    last = re.match(
+        rf"page (\d+): (\d+) clients in all {re.escape(window)} \(request id ", progress[-1]
+    )
+    assert last, progress[-1]
+    pages, clients = int(last[1]), int(last[2])
+    assert clients == served and pages == -(-clients // 25)
+    assert len(progress) < pages, "one log line per page costs as much as decoding the page"
     retries = [message for message in messages if "retrying in" in message]
     assert retries, "the flaky site should have made the client retry"
     assert all("attempt " in message and " s." in message for message in retries)
