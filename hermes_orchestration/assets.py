@@ -4,6 +4,10 @@ Every asset is partitioned by the integration's calendar and has a single-run ba
 range of partitions is one run that fetches the whole range with one paged listing. Inside the run
 each partition is still validated and loaded on its own, so a range gives exactly the results of
 running its partitions one by one.
+
+The steps' bodies (``sync``) are imported when a step runs: the processes that only read the
+definitions (the code server, sensors, ``hermes-orchestration status``) do without Arrow, the
+validation libraries and the database drivers.
 """
 
 # No `from __future__ import annotations`: Dagster inspects the context annotations at runtime.
@@ -14,7 +18,7 @@ import dagster as dg
 
 from hermes_orchestration.config import Integration
 from hermes_orchestration.partitions import partitions_def_for
-from hermes_orchestration.sync import fetch_raw_clients, load_master_data, validate_clients
+from hermes_orchestration.tags import run_tags
 
 RAW_CLIENTS = "raw_clients"
 VALIDATED_CLIENTS = "validated_clients"
@@ -38,11 +42,6 @@ def integration_asset_keys(integration: Integration) -> list[dg.AssetKey]:
 def pool_name(integration: Integration) -> str:
     """The concurrency pool of an integration's assets: ``hermes_<name>``."""
     return f"hermes_{integration.name}"
-
-
-def run_tags(integration: Integration) -> dict[str, str]:
-    """The tags that every run of an integration carries, however it was launched."""
-    return {"integration": integration.name, "master_database": integration.master_database}
 
 
 def build_integration_assets(integration: Integration) -> Sequence[dg.AssetsDefinition]:
@@ -69,6 +68,8 @@ def build_integration_assets(integration: Integration) -> Sequence[dg.AssetsDefi
         **common,
     )
     def raw_clients(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from hermes_orchestration.sync import fetch_raw_clients
+
         return fetch_raw_clients(context, integration)
 
     @dg.asset(
@@ -102,6 +103,8 @@ def build_integration_assets(integration: Integration) -> Sequence[dg.AssetsDefi
         **common,
     )
     def validated_clients(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from hermes_orchestration.sync import validate_clients
+
         return validate_clients(context, integration)
 
     @dg.asset(
@@ -120,6 +123,8 @@ def build_integration_assets(integration: Integration) -> Sequence[dg.AssetsDefi
         **common,
     )
     def master_data(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from hermes_orchestration.sync import load_master_data
+
         return load_master_data(context, integration)
 
     return [raw_clients, validated_clients, master_data]

@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from hermes_orchestration.assets import integration_asset_keys, run_tags
+from hermes_orchestration.assets import integration_asset_keys
 from hermes_orchestration.config import Integration
 from hermes_orchestration.jobs import sync_job_name
 from hermes_orchestration.partitions import partitions_def_for
-from hermes_orchestration.sync import FULL_SYNC_TAG
+from hermes_orchestration.tags import FULL_SYNC_TAG, run_tags
 
 
 def current_partition_key(integration: Integration, now: datetime | None = None) -> str:

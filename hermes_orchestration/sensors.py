@@ -43,7 +43,7 @@ from hermes_orchestration.switch import (
     record_verification,
     resume,
 )
-from hermes_orchestration.sync import CREDENTIALS_FAILURE, FAILURE_TAG, HTTP_STATUS_TAG
+from hermes_orchestration.tags import CREDENTIALS_FAILURE, FAILURE_TAG, HTTP_STATUS_TAG
 from hermes_orchestration.verification import VerifyOutcome, verify_integration
 
 GUARD_SENSOR = GUARD_SENSOR_NAME

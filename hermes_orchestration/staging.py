@@ -46,13 +46,22 @@ class PartitionStaging:
 
     def read(self, stage: str, partition_key: str) -> pa.Table:
         """The whole staged table of a partition; raises MissingStagedDataError when absent."""
+        return pq.read_table(self._existing(stage, partition_key))
+
+    def batches(self, stage: str, partition_key: str) -> Iterator[pa.RecordBatch]:
+        """The staged rows of a partition, one row group at a time (MissingStagedDataError when
+        absent), so that a reader holds a row group, not the partition."""
+        file = pq.ParquetFile(self._existing(stage, partition_key))
+        return file.iter_batches(batch_size=ROW_GROUP_ROWS)
+
+    def _existing(self, stage: str, partition_key: str) -> Path:
         path = self.path(stage, partition_key)
         if not path.exists():
             raise MissingStagedDataError(
                 f"{stage} of integration '{self.integration}' has no data for partition "
                 f"{partition_key}: materialize the upstream asset for that partition first."
             )
-        return pq.read_table(path)
+        return path
 
     def metadata(self, stage: str, partition_key: str) -> dict[str, str]:
         """The key-value metadata a staged file was written with ({} when absent)."""
@@ -108,13 +117,17 @@ class StagedWrites:
         return writer
 
     def write(self, stage: str, partition_key: str, data: pa.Table | pa.RecordBatch) -> None:
-        """Append a table or batch to a partition's file (small batches are gathered first)."""
+        """Append a table or batch to a partition's file, in row groups of ``ROW_GROUP_ROWS``."""
         key = (stage, partition_key)
         writer = self.writer(stage, partition_key, data.schema)
         pending = self._pending.setdefault(key, [])
         pending.extend([data] if isinstance(data, pa.RecordBatch) else data.to_batches())
-        if sum(batch.num_rows for batch in pending) >= ROW_GROUP_ROWS:
-            self._flush(key, writer)
+        gathered = sum(batch.num_rows for batch in pending)
+        if gathered >= ROW_GROUP_ROWS:
+            table = pa.Table.from_batches(pending)
+            whole = gathered - gathered % ROW_GROUP_ROWS
+            writer.write_table(table.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
+            self._pending[key] = table.slice(whole).to_batches()
 
     def annotate(self, stage: str, partition_key: str, metadata: dict[str, str]) -> None:
         """Add key-value metadata to a partition's file being written (read back by

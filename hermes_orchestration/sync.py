@@ -37,19 +37,17 @@ from hermes_orchestration.hermes_client import (
 from hermes_orchestration.partitions import partitions_def_for
 from hermes_orchestration.records import RAW_SCHEMA, records_to_batch
 from hermes_orchestration.staging import RAW, REJECTED, VALID
+from hermes_orchestration.tags import (
+    CREDENTIALS_FAILURE,
+    FAILURE_TAG,
+    FULL_SYNC_TAG,
+    HTTP_STATUS_TAG,
+    run_tags,
+)
 from hermes_orchestration.validation import ValidationResult, validate_partition
 
 # A cursor that expires mid-window restarts the window from its first page, this many times.
 MAX_WINDOW_RESTARTS = 3
-
-# Run tags of a sync that failed talking to Hermes: the guard sensor counts consecutive
-# credential failures from them, and the UI's run list filters on them.
-FAILURE_TAG = "hermes/failure"
-HTTP_STATUS_TAG = "hermes/http_status"
-CREDENTIALS_FAILURE = "credentials"  # the site refused the App Token (401) or its scope (403)
-# A run tagged ``hermes/full_sync: true`` validates and loads every partition again, even those
-# whose content has not changed since they were last validated and loaded.
-FULL_SYNC_TAG = "hermes/full_sync"
 
 
 def tag_run(context: dg.AssetExecutionContext, integration: Integration) -> None:
@@ -58,7 +56,7 @@ def tag_run(context: dg.AssetExecutionContext, integration: Integration) -> None
     Schedules and sensors set them when they request a run; a run launched from the UI's
     Materialize button or the CLI gets them here, so the run list filters per integration.
     """
-    wanted = {"integration": integration.name, "master_database": integration.master_database}
+    wanted = run_tags(integration)
     missing = {key: value for key, value in wanted.items() if context.run.tags.get(key) != value}
     if missing:
         context.instance.add_run_tags(context.run.run_id, missing)
@@ -405,7 +403,7 @@ def load_master_data(
                 integration=integration.name,
                 master_database=integration.master_database,
                 partition_key=key,
-                valid=staging.read(VALID, key),
+                valid=staging.batches(VALID, key),
                 rejected=rejected,
                 content=content,
             )

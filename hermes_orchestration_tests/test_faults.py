@@ -29,7 +29,7 @@ from hermes_orchestration.assets import build_integration_assets, integration_as
 from hermes_orchestration.config import Integration, IntegrationsConfig
 from hermes_orchestration.simulator import Faults, HermesSimulator, SimulatorConfig
 from hermes_orchestration.staging import RAW, PartitionStaging
-from hermes_orchestration.sync import FAILURE_TAG
+from hermes_orchestration.tags import FAILURE_TAG
 from hermes_orchestration_tests.conftest import TOKEN, TOKEN_ENV
 from hermes_orchestration_tests.faults_support import (
     Drop,

@@ -28,7 +28,7 @@ import pytest
 from hermes_orchestration.config import IntegrationsFileError, parse_integrations
 from hermes_orchestration.resources import HermesApiResource
 from hermes_orchestration.simulator import HermesSimulator, SimulatorConfig
-from hermes_orchestration.sync import FAILURE_TAG
+from hermes_orchestration.tags import FAILURE_TAG
 from hermes_orchestration_tests.conftest import TOKEN, TOKEN_ENV
 from hermes_orchestration_tests.faults_support import (
     FaultProxy,

@@ -26,7 +26,7 @@ from hermes_orchestration.sensors import (
     build_guard_sensor,
 )
 from hermes_orchestration.switch import PausedBy, pause, read_switch
-from hermes_orchestration.sync import FAILURE_TAG, HTTP_STATUS_TAG
+from hermes_orchestration.tags import FAILURE_TAG, HTTP_STATUS_TAG
 from hermes_orchestration_tests.conftest import SCOPELESS_TOKEN, TOKEN
 from hermes_orchestration_tests.operations_support import (
     WRONG_TOKEN,
