@@ -31,6 +31,9 @@ from hermes_orchestration.config import (
     IntegrationsConfig,
     IntegrationsFileError,
     PartitionsKey,
+    _FastLoader,
+    _Loader,
+    _read_yaml_with,
     integrations_file_path,
     json_schema,
     load_integrations,
@@ -415,6 +418,21 @@ integrations:
     assert (centro.master_database, sur.master_database) == ("clientes_chile", "clientes_sur")
     assert config.enabled == (centro,)
     assert set(config.by_master_database()) == {"clientes_chile", "clientes_sur"}
+
+
+def yaml_files() -> list[Path]:
+    return [*corpus_files(), PROJECT_ROOT / "integrations.yaml"]
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda path: path.stem)
+def test_libyaml_reads_every_file_exactly_as_the_pure_python_parser_does(path: Path) -> None:
+    # Files are parsed by libyaml when PyYAML has it; whatever it accepts must come out the same
+    # (values and lines) as from the pure-Python parser, which also words the syntax errors.
+    assert _FastLoader is not None, "PyYAML is installed without libyaml"
+    text = path.read_text(encoding="utf-8")
+    fast = _read_yaml_with(_FastLoader(text), text)
+    if not fast[2]:
+        assert _read_yaml_with(_Loader(text), text) == fast
 
 
 @pytest.mark.parametrize("text", ["integrations: []\n", "integrations:\n", "integrations: []\n# x"])
