@@ -266,6 +266,24 @@ class MasterDataStore:
             master_database_updated_at=row.updated_at,
         )
 
+    def refresh_statistics(self) -> None:
+        """Have PostgreSQL measure the stored tables again (``ANALYZE``; SQLite needs nothing).
+
+        A range run loads hundreds of partitions in a row. The tables can grow from nothing to
+        millions of rows before autovacuum looks at them, and a planner that still believes them
+        empty joins them by nested loops.
+        """
+        if self._engine.dialect.name != "postgresql":
+            return
+        tables = ", ".join(table.name for table in (ms.contact_sources, ms.master_contacts))
+        try:
+            with self._engine.connect() as conn, conn.begin():
+                conn.execute(sa.text(f"ANALYZE {tables}"))  # constant identifiers
+        except SQLAlchemyError as err:
+            raise MasterDataError(
+                f"could not analyze the master tables at {self.display_url}: {_reason(err)}"
+            ) from err
+
     def master_database_info(self, name: str) -> tuple[datetime, datetime] | None:
         """``(created_at, updated_at)`` of a master database, or None if it was never loaded."""
         table = ms.master_databases

@@ -46,6 +46,10 @@ from hermes_orchestration.tags import (
 )
 from hermes_orchestration.validation import ValidationResult, validate_partition
 
+# A range run has PostgreSQL measure the master tables again once this many rows were inserted,
+# then each time they double (see MasterDataStore.refresh_statistics).
+REFRESH_STATISTICS_ROWS = 20_000
+
 # A cursor that expires mid-window restarts the window from its first page, this many times.
 MAX_WINDOW_RESTARTS = 3
 
@@ -384,7 +388,12 @@ def load_master_data(
     rejected_by_reason: Counter[str] = Counter()
     unchanged = 0
     last = None
-    for key in context.partition_keys:
+    keys = context.partition_keys
+    inserted, refresh_at = 0, REFRESH_STATISTICS_ROWS
+    for key in keys:
+        if inserted >= refresh_at:  # the tables have doubled since the planner last looked
+            store.refresh_statistics()
+            refresh_at = 2 * inserted
         rejected = staging.read(REJECTED, key)
         rejected_by_reason.update(_reason_counts(rejected))
         validated = staging.metadata(VALID, key).get(CONTENT_KEY)
@@ -410,11 +419,12 @@ def load_master_data(
         for name, value in result.as_metadata().items():
             if isinstance(value, int) and not isinstance(value, bool):
                 totals[name] += value
+        inserted += result.sources_inserted
         last = result
     assert last is not None  # a run always has at least one partition
     if unchanged:
         context.log.info(
-            f"{unchanged} of {len(context.partition_keys)} partitions already loaded with the "
+            f"{unchanged} of {len(keys)} partitions already loaded with the "
             f"same content into master database '{integration.master_database}': not merged again"
         )
     info = store.master_database_info(integration.master_database)
