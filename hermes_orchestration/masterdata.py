@@ -56,6 +56,7 @@ _SCHEMA_LOCK_NAMESPACE = 0x48524D54
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 _MAX_ATTEMPTS = 4
 _BATCH_ROWS = 50_000
+_ANALYZE_MIN_ROWS = 5_000  # working tables smaller than this are not analyzed
 _SQLITE_BUSY_SECONDS = 120.0
 # SQLite: a load takes the write lock when it begins (no lock upgrade, so no deadlock);
 # reads and temporary-table work begin deferred.
@@ -519,7 +520,7 @@ def _stage(conn: Connection, valid: pa.Table | Iterable[pa.RecordBatch]) -> int:
             _bulk_insert(conn, stage, batch.add_column(0, "ordinal", ordinal))
             ids.extend(batch.column("hermes_id").chunks)
             rows += batch.num_rows
-        _prepare_for_joins(conn, stage)
+        _prepare_for_joins(conn, stage, rows)
         if rows and pc.count_distinct(pa.chunked_array(ids)).as_py() < rows:
             # A client listed twice keeps its newest version (the last one listed on a tie).
             newer = stage.alias("newer")
@@ -950,15 +951,18 @@ class _ContactCounts:
 def _fill(conn: Connection, table: sa.Table, columns: list[str], query: sa.Select[Any]) -> int:
     """Insert the rows of ``query`` into the working table ``table``; the row count."""
     count = conn.execute(sa.insert(table).from_select(columns, query)).rowcount
-    _prepare_for_joins(conn, table)
+    _prepare_for_joins(conn, table, count)
     return count
 
 
-def _prepare_for_joins(conn: Connection, table: sa.Table) -> None:
-    """Make a filled working table ready to be joined: statistics or indexes."""
+def _prepare_for_joins(conn: Connection, table: sa.Table, rows: int) -> None:
+    """Make a working table of ``rows`` rows ready to be joined: statistics or indexes."""
     if conn.dialect.name == "postgresql":
         # Temporary tables are never analyzed automatically, and without statistics the planner
-        # misjudges the joins of the next steps by orders of magnitude.
+        # misjudges the joins of large ones by orders of magnitude. A small one is estimated from
+        # its size well enough, and an ANALYZE would cost more than any plan it changes.
+        if rows < _ANALYZE_MIN_ROWS:
+            return
         # Statistics of the joined and filtered columns only: the others cost time, not plans.
         quote = conn.dialect.identifier_preparer.quote
         columns = ", ".join(quote(name) for name in table.info["analyze"])

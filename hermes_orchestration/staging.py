@@ -44,9 +44,10 @@ class PartitionStaging:
         """The file of ``stage`` (e.g. ``raw_clients``) for ``partition_key``."""
         return self.root / self.integration / stage / f"{_safe(partition_key)}.parquet"
 
-    def read(self, stage: str, partition_key: str) -> pa.Table:
-        """The whole staged table of a partition; raises MissingStagedDataError when absent."""
-        return pq.read_table(self._existing(stage, partition_key))
+    def read(self, stage: str, partition_key: str, columns: list[str] | None = None) -> pa.Table:
+        """The whole staged table of a partition (only ``columns`` if given); raises
+        MissingStagedDataError when absent."""
+        return pq.read_table(self._existing(stage, partition_key), columns=columns)
 
     def batches(self, stage: str, partition_key: str) -> Iterator[pa.RecordBatch]:
         """The staged rows of a partition, one row group at a time (MissingStagedDataError when

@@ -12,7 +12,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import dagster as dg
@@ -35,8 +35,13 @@ from hermes_orchestration.hermes_client import (
     ScopeError,
 )
 from hermes_orchestration.partitions import partitions_def_for
-from hermes_orchestration.records import RAW_SCHEMA, records_to_batch
-from hermes_orchestration.staging import RAW, REJECTED, VALID
+from hermes_orchestration.records import (
+    CLEAN_SCHEMA,
+    RAW_SCHEMA,
+    REJECTED_SCHEMA,
+    records_to_batch,
+)
+from hermes_orchestration.staging import RAW, REJECTED, VALID, PartitionStaging, StagedWrites
 from hermes_orchestration.tags import (
     CREDENTIALS_FAILURE,
     FAILURE_TAG,
@@ -44,7 +49,11 @@ from hermes_orchestration.tags import (
     HTTP_STATUS_TAG,
     run_tags,
 )
-from hermes_orchestration.validation import ValidationResult, validate_partition
+from hermes_orchestration.validation import (
+    ValidationResult,
+    latest_versions,
+    validate_row_groups,
+)
 
 # A range run has PostgreSQL measure the master tables again once this many rows were inserted,
 # then each time they double (see MasterDataStore.refresh_statistics).
@@ -244,7 +253,6 @@ class _Validated:
             valid=result.valid.num_rows,
             rejected=result.rejected.num_rows,
             duplicates_dropped=result.duplicates_dropped,
-            duplicate_ids=_duplicate_ids(result.valid),
             missing_required=_missing_required(result.valid),
             rejected_by_reason=Counter(result.rejected_by_reason),
             cleared_by_reason=Counter(result.cleared_by_reason),
@@ -295,12 +303,7 @@ def validate_clients(
                 totals.add(_Validated.from_json(staged[SUMMARY_KEY]))
                 unchanged += 1
                 continue
-            result = validate_partition(
-                staging.read(RAW, key), default_country=integration.default_country, today=today
-            )
-            counts = _Validated.of(result)
-            writes.write(VALID, key, result.valid)
-            writes.write(REJECTED, key, result.rejected)
+            counts = _validate(staging, writes, key, integration.default_country, today)
             writes.annotate(VALID, key, {CONTENT_KEY: source, SUMMARY_KEY: counts.to_json()})
             writes.annotate(REJECTED, key, {CONTENT_KEY: source})
             totals.add(counts)
@@ -352,14 +355,37 @@ def validate_clients(
     )
 
 
+def _validate(
+    staging: PartitionStaging, writes: StagedWrites, key: str, default_country: str, today: date
+) -> _Validated:
+    """Validate a staged partition one row group at a time; stage the results; their counts.
+
+    Which version of each client is judged is settled first, from the ids and instants of the
+    whole partition; then only one row group of the raw rows is held at a time.
+    """
+    versions = staging.read(RAW, key, columns=["id", "updated_at"])
+    latest = latest_versions(versions.column("id"), versions.column("updated_at"))
+    del versions
+    counts = _Validated()
+    valid_ids: list[pa.Array] = []
+    writes.write(VALID, key, CLEAN_SCHEMA.empty_table())  # a partition may have no rows
+    writes.write(REJECTED, key, REJECTED_SCHEMA.empty_table())
+    results = validate_row_groups(
+        staging.batches(RAW, key), latest, default_country=default_country, today=today
+    )
+    for result in results:
+        writes.write(VALID, key, result.valid)
+        writes.write(REJECTED, key, result.rejected)
+        counts.add(_Validated.of(result))
+        valid_ids.extend(result.valid.column("hermes_id").chunks)
+    ids = pa.chunked_array(valid_ids, pa.string())
+    counts.duplicate_ids = len(ids) - pc.count_distinct(ids).as_py()
+    return counts
+
+
 def full_sync(context: dg.AssetExecutionContext) -> bool:
     """Whether the run is tagged to validate and load every partition, changed or not."""
     return context.run.tags.get(FULL_SYNC_TAG, "").lower() == "true"
-
-
-def _duplicate_ids(valid: pa.Table) -> int:
-    ids = valid.column("hermes_id")
-    return len(ids) - pc.count_distinct(ids).as_py()
 
 
 def _missing_required(valid: pa.Table) -> int:

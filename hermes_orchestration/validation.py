@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 
@@ -84,8 +84,57 @@ class ValidationResult:
     cleared_by_reason: dict[str, int]
 
 
+def latest_versions(
+    ids: pa.Array | pa.ChunkedArray, updated_at: pa.Array | pa.ChunkedArray
+) -> np.ndarray:
+    """Which rows of a partition are judged: for each row, whether no other row supersedes it.
+
+    ``ids`` and ``updated_at`` are the raw ``id`` and ``updated_at`` columns of the whole
+    partition, in listing order. A row with an unusable id or updated_at is judged (and rejected)
+    as it is; among the others, the latest instant of each id wins, a tie going to the later row.
+    """
+    instants, micros, _ = _parse_instants(_clean_text(_combined(updated_at)))
+    return _latest(_clean_text(_combined(ids)), instants, micros)
+
+
+def _latest(ids: pa.Array, instants: pa.Array, micros: np.ndarray) -> np.ndarray:
+    # Rows without a usable id or updated_at cannot be ordered against other versions.
+    usable = _valid(ids) & _valid(instants)
+    return ~_superseded(ids, micros, usable)
+
+
+def validate_row_groups(
+    row_groups: Iterable[pa.Table | pa.RecordBatch],
+    latest: np.ndarray,
+    *,
+    default_country: str = "CL",
+    today: date | None = None,
+) -> Iterator[ValidationResult]:
+    """``validate_partition`` of a partition read piece by piece, one result per piece.
+
+    ``latest`` comes from ``latest_versions`` over the whole partition, so that a client listed
+    in two pieces is judged once, on its latest version: the pieces' results, concatenated, are
+    those of validating the whole partition at once, while only one piece is held at a time.
+    """
+    offset = 0
+    for rows in row_groups:
+        yield validate_partition(
+            rows,
+            default_country=default_country,
+            today=today,
+            latest=latest[offset : offset + rows.num_rows],
+        )
+        offset += rows.num_rows
+    if offset != len(latest):
+        raise ValueError(f"the pieces hold {offset} rows, but latest describes {len(latest)}")
+
+
 def validate_partition(
-    raw: pa.Table | pa.RecordBatch, *, default_country: str = "CL", today: date | None = None
+    raw: pa.Table | pa.RecordBatch,
+    *,
+    default_country: str = "CL",
+    today: date | None = None,
+    latest: np.ndarray | None = None,
 ) -> ValidationResult:
     """Validate and normalize raw client rows (``RAW_SCHEMA``) into clean and rejected rows.
 
@@ -94,6 +143,8 @@ def validate_partition(
         default_country: The site's country (ISO 3166-1 alpha-2), used to read phone numbers
             of clients without a valid country of their own.
         today: The day birth dates are checked against; the current UTC day when omitted.
+        latest: Which rows are judged (see ``latest_versions``); by default, the latest version
+            of each id among ``raw``'s rows.
 
     Raises:
         ValueError: ``raw`` does not have the ``RAW_SCHEMA`` columns, or ``default_country`` is
@@ -117,9 +168,10 @@ def validate_partition(
     not_object = _not_an_object(fields, table.column("record"))
     ids = _clean_text(fields["id"])
     updated_at, updated_micros, _ = _parse_instants(_clean_text(fields["updated_at"]))
-    # Rows without a usable id or updated_at cannot be ordered against other versions.
-    usable = ~not_object & _valid(ids) & _valid(updated_at)
-    latest = ~_superseded(ids, updated_micros, usable)
+    if latest is None:
+        latest = _latest(ids, updated_at, updated_micros)
+    elif len(latest) != rows_in:
+        raise ValueError(f"latest describes {len(latest)} rows, but there are {rows_in}")
 
     # Every row is checked (one pass over whole columns is cheaper than selecting first), but
     # only the latest version of an id is judged: an older one never stands in for it.
@@ -888,6 +940,10 @@ def _desc(desc: PhoneNumberDesc | None) -> tuple[str, tuple[int, ...]] | None:
 
 
 # --- Arrow helpers -------------------------------------------------------------------------------
+
+
+def _combined(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 def _valid(values: pa.Array) -> np.ndarray:

@@ -44,8 +44,7 @@ def verify_integration(
         return VerifyOutcome(
             ok=False,
             message=(
-                f"FAILED {integration.name} ({integration.site_url}): {err}\n"
-                f"What to do: {err.hint}"
+                f"FAILED {integration.name} ({integration.site_url}): {err}\nWhat to do: {err.hint}"
             ),
             error=type(err).__name__,
             hint=err.hint,

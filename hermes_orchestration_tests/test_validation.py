@@ -7,6 +7,7 @@ Each rule is a table of raw records and the outcome it must produce. Records go 
 from __future__ import annotations
 
 import string
+from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -27,10 +28,14 @@ from hermes_orchestration.records import (
     REJECTED_SCHEMA,
     records_to_batch,
 )
+from hermes_orchestration.simulator import SimulatorConfig
+from hermes_orchestration.simulator_data import ClientDataset
 from hermes_orchestration.validation import (
     ISO_3166_ALPHA2,
     ValidationResult,
+    latest_versions,
     validate_partition,
+    validate_row_groups,
 )
 
 TODAY = date(2025, 6, 15)
@@ -863,3 +868,55 @@ def _outcomes(result: ValidationResult, field: str, code: str) -> dict[str, str 
         outcome[row["hermes_id"]] = row[field]
         assert notes(row) == ([] if row[field] is not None else [(field, code)])
     return outcome
+
+
+# --- A partition read piece by piece -----------------------------------------------------------
+
+
+def test_validating_row_group_by_row_group_equals_validating_the_whole_partition() -> None:
+    dataset = ClientDataset(
+        SimulatorConfig(
+            clients=1500,
+            seed=3,
+            start=datetime(2025, 6, 1, tzinfo=UTC),
+            end=datetime(2025, 6, 2, tzinfo=UTC),
+            dirty_share=0.3,
+        )
+    )
+    records = dataset.window(dataset.start, dataset.end)
+    # Versions of one client in different pieces: an older one late, a newer one early, a tie.
+    records = [
+        client(id="split", updated_at="2025-06-01T10:00:00Z", first_name="Nueva"),
+        *records,
+        client(id="split", updated_at="2025-06-01T09:00:00Z", first_name="Vieja"),
+        client(id="tie", updated_at="2025-06-01T11:00:00-03:00", first_name="Primera"),
+        client(id="tie", updated_at="2025-06-01T14:00:00Z", first_name="Segunda"),
+        "not an object",
+    ]
+    raw = pa.Table.from_batches([records_to_batch(records)])
+    whole = validate_partition(raw, today=TODAY)
+    assert whole.duplicates_dropped >= 2
+
+    latest = latest_versions(raw.column("id"), raw.column("updated_at"))
+    pieces = list(validate_row_groups(raw.to_batches(max_chunksize=97), latest, today=TODAY))
+
+    assert len(pieces) == -(-raw.num_rows // 97)
+    assert pa.concat_tables(piece.valid for piece in pieces).equals(whole.valid)
+    assert pa.concat_tables(piece.rejected for piece in pieces).equals(whole.rejected)
+    assert sum(piece.rows_in for piece in pieces) == whole.rows_in
+    assert sum(piece.duplicates_dropped for piece in pieces) == whole.duplicates_dropped
+    for counts in ("rejected_by_reason", "cleared_by_reason"):
+        total: Counter[str] = Counter()
+        for piece in pieces:
+            total.update(getattr(piece, counts))
+        assert total == Counter(getattr(whole, counts)), counts
+    by_id = {row["hermes_id"]: row for row in whole.valid.to_pylist()}
+    assert by_id["split"]["first_name"] == "Nueva"
+    assert by_id["tie"]["first_name"] == "Segunda"
+
+
+def test_pieces_that_do_not_add_up_to_the_partition_are_refused() -> None:
+    raw = pa.Table.from_batches([records_to_batch([client(id="a"), client(id="b")])])
+    latest = latest_versions(raw.column("id"), raw.column("updated_at"))
+    with pytest.raises(ValueError, match="the pieces hold 1 rows, but latest describes 2"):
+        list(validate_row_groups([raw.slice(0, 1)], latest, today=TODAY))
