@@ -241,14 +241,7 @@ class MasterDataStore:
                 loads.c.content == content,
             )
         )
-        try:
-            with self._engine.connect() as conn, _transaction(conn, write=False):
-                row = conn.execute(query).one_or_none()
-        except SQLAlchemyError as err:
-            raise MasterDataError(
-                f"could not read the loads of integration {integration!r} at "
-                f"{self.display_url}: {_reason(err)}"
-            ) from err
+        row = self._one(query, f"the loads of integration {integration!r}")
         if row is None:
             return None
         return LoadResult(
@@ -289,14 +282,18 @@ class MasterDataStore:
         """``(created_at, updated_at)`` of a master database, or None if it was never loaded."""
         table = ms.master_databases
         query = sa.select(table.c.created_at, table.c.updated_at).where(table.c.name == name)
+        row = self._one(query, f"master database {name!r}")
+        return None if row is None else (row.created_at, row.updated_at)
+
+    def _one(self, query: sa.Select[Any], what: str) -> sa.Row[Any] | None:
+        """The row of a read-only ``query``, or None; ``what`` names what it reads in errors."""
         try:
             with self._engine.connect() as conn, _transaction(conn, write=False):
-                row = conn.execute(query).one_or_none()
+                return conn.execute(query).one_or_none()
         except SQLAlchemyError as err:
             raise MasterDataError(
-                f"could not read master database {name!r} at {self.display_url}: {_reason(err)}"
+                f"could not read {what} at {self.display_url}: {_reason(err)}"
             ) from err
-        return None if row is None else (row.created_at, row.updated_at)
 
     def dispose(self) -> None:
         """Close every pooled connection."""
