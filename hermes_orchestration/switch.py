@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from hermes_orchestration.config import Integration
-from hermes_orchestration.verification import VerifyOutcome, verify_integration
+
+if TYPE_CHECKING:
+    from hermes_orchestration.verification import VerifyOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +214,14 @@ def resume(
     *,
     force: bool = False,
     by: PausedBy = PausedBy.HAND,
-    verify: Callable[[Integration], VerifyOutcome] = verify_integration,
+    verify: Callable[[Integration], VerifyOutcome] | None = None,
     now: float | None = None,
 ) -> SwitchChange:
-    """Switch ``integration`` back on, once its credentials verify (unless ``force``)."""
+    """Switch ``integration`` back on, once its credentials verify (unless ``force``).
+
+    ``verify`` checks the credentials (default: ``verification.verify_integration``, imported
+    only then: reading switches, as ``status`` does, needs no HTTP client).
+    """
     name = integration.name
     stored = read_switch(instance, name)
     if not integration.enabled:
@@ -233,6 +239,10 @@ def resume(
     if force:
         checked = "without verifying its credentials (forced)"
     else:
+        if verify is None:
+            from hermes_orchestration.verification import verify_integration
+
+            verify = verify_integration
         outcome = verify(integration)
         if not outcome.ok:
             return SwitchChange(
