@@ -209,6 +209,7 @@ def _summary(result: dg.ExecuteInProcessResult, integration: Integration) -> str
                 "contacts_updated",
                 "contacts_unchanged",
                 "rejected",
+                "partitions_unchanged",
             )
             return ", ".join(f"{key} {meta[key]}" for key in keys if key in meta)
     return "no master data materialized"

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from hermes_orchestration.assets import MASTER_DATA, VALIDATED_CLIENTS
+from hermes_orchestration.cli import main
 from hermes_orchestration.code_location import build_definitions
 from hermes_orchestration.config import load_integrations
 from hermes_orchestration.fingerprints import ContentDigest, loaded_from, validated_from
@@ -123,6 +124,22 @@ def test_a_full_sync_validates_and_merges_again_and_changes_nothing(
     assert reloaded["sources_unchanged"] == loaded["sources_inserted"]
     assert reloaded["contacts_inserted"] == reloaded["contacts_updated"] == 0
     assert master_data(url) == stored
+
+
+def test_the_command_line_says_what_was_unchanged_and_full_does_it_all_again(
+    integrations_file, state_dir, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    integrations_file("tienda_test")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+
+    def sync(*extra: str) -> str:
+        assert main(["sync", "tienda_test", "--partition", PARTITION, *extra]) == 0
+        return capsys.readouterr().out
+
+    assert "partitions_unchanged 0" in sync()
+    assert "partitions_unchanged 1" in sync()
+    assert "contacts_inserted 0, contacts_updated 0" in (full := sync("--full"))
+    assert "partitions_unchanged 0" in full
 
 
 def test_a_master_database_that_lacks_the_load_is_loaded_again(
