@@ -25,6 +25,7 @@ from hermes_orchestration.assets import MASTER_DATA, asset_key
 from hermes_orchestration.config import Integration
 from hermes_orchestration.schedules import schedule_name
 from hermes_orchestration.switch import SwitchState, effective_switch, read_switches
+from hermes_orchestration.tags import FAILURE_SUMMARY_TAG
 
 INTEGRATION_TYPE = "hermes"
 _RUN_IDS_PER_QUERY = 500
@@ -198,7 +199,7 @@ def integration_cards(
             schedule_name(integration) in stopped,
             now,
         )
-        if summaries and card.last_error_run_id:
+        if summaries and card.last_error_run_id and card.last_error is None:
             card = replace(card, last_error=failure_summary(instance, card.last_error_run_id))
         cards.append(card)
     return _with_database_updates(cards)
@@ -274,6 +275,7 @@ def _card(
         freshness=freshness_of(integration, last_sync_at, now),
         master_data_updated_at=updated_at,
         last_error_run_id=latest.dagster_run.run_id if failed and latest else None,
+        last_error=latest.dagster_run.tags.get(FAILURE_SUMMARY_TAG) if failed and latest else None,
         last_error_at=(latest.end_time or latest.update_timestamp.timestamp())
         if failed and latest
         else None,
@@ -282,8 +284,37 @@ def _card(
     )
 
 
+@dg.failure_hook(name="hermes_failure_summary")
+def record_failure_summary(context: dg.HookContext) -> None:
+    """Write what made a step fail on its run (tag ``hermes/failure_summary``, first failure).
+
+    The health view reads it with the run record; the step failure itself is in the run's event
+    log, which on SQLite storage is a database of its own per run, costly to open by the hundred.
+    """
+    if context.op_exception is None:
+        return
+    run = context.instance.get_run_by_id(context.run_id)
+    if run is None or FAILURE_SUMMARY_TAG in run.tags:
+        return
+    summary = _shorten(_exception_text(context.op_exception))
+    context.instance.add_run_tags(context.run_id, {FAILURE_SUMMARY_TAG: summary})
+
+
+def _exception_text(error: BaseException) -> str:
+    # The same sentence as _step_failure_text gives from the stored event.
+    if isinstance(error, dg.Failure) and error.description:
+        return error.description
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
 def failure_summary(instance: dg.DagsterInstance, run_id: str) -> str:
-    """What went wrong in a failed run, in a few lines: its first step failure's message."""
+    """What went wrong in a failed run, in a few lines: its first step failure's message.
+
+    Runs whose failure the hook recorded carry it in a tag; for the others (a run that failed
+    before any step, or made before the hook existed) the run's event log says it.
+    """
     records = instance.get_records_for_run(
         run_id,
         of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE},

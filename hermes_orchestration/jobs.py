@@ -16,6 +16,7 @@ import dagster as dg
 
 from hermes_orchestration.assets import integration_asset_keys
 from hermes_orchestration.config import Integration
+from hermes_orchestration.health import record_failure_summary
 from hermes_orchestration.partitions import calendar_name
 
 
@@ -37,6 +38,7 @@ def build_sync_jobs(
             name=name,
             selection=dg.AssetSelection.assets(*keys),
             executor_def=dg.in_process_executor,
+            hooks={record_failure_summary},
             description=(
                 "Syncs Hermes integrations that share this calendar; schedules and sensors "
                 "launch it for one integration at a time."

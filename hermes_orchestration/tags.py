@@ -13,6 +13,8 @@ from hermes_orchestration.config import Integration
 FAILURE_TAG = "hermes/failure"
 HTTP_STATUS_TAG = "hermes/http_status"
 CREDENTIALS_FAILURE = "credentials"  # the site refused the App Token (401) or its scope (403)
+# What went wrong in a failed run, in a few lines (its first step failure), for the health view.
+FAILURE_SUMMARY_TAG = "hermes/failure_summary"
 # A run tagged ``hermes/full_sync: true`` validates and loads every partition again, even those
 # whose content has not changed since they were last validated and loaded.
 FULL_SYNC_TAG = "hermes/full_sync"

@@ -19,9 +19,16 @@ import sqlalchemy as sa
 
 from hermes_orchestration.checks import HEALTH_CHECK
 from hermes_orchestration.config import IntegrationsConfig, parse_integrations
-from hermes_orchestration.health import Freshness, Health, IntegrationCard, integration_cards
+from hermes_orchestration.health import (
+    Freshness,
+    Health,
+    IntegrationCard,
+    failure_summary,
+    integration_cards,
+)
 from hermes_orchestration.sensors import GuardCursor, guard_tick
 from hermes_orchestration.switch import PausedBy, pause
+from hermes_orchestration.tags import FAILURE_SUMMARY_TAG
 from hermes_orchestration_tests.conftest import TOKEN
 from hermes_orchestration_tests.operations_support import (
     WRONG_TOKEN,
@@ -127,6 +134,11 @@ def test_the_card_tells_ok_error_paused_and_never_synced_from_run_history(
     assert "HTTP 401" in rota.last_error
     assert "What to do: Issue a new App Token" in rota.last_error
     assert WRONG_TOKEN not in rota.last_error and TOKEN not in rota.last_error
+
+    # The failing step wrote its failure on the run; the run's event log says the same.
+    failed = history.instance.get_run_by_id(history.failed_run)
+    assert failed.tags[FAILURE_SUMMARY_TAG] == rota.last_error
+    assert failure_summary(history.instance, history.failed_run) == rota.last_error
 
     pausada = cards["tienda_pausada"]
     assert pausada.switch.by == PausedBy.HAND
@@ -247,7 +259,8 @@ def test_the_cards_read_the_instance_in_batches_whatever_the_number_of_integrati
     cards = integration_cards(history.instance, everything)
     elapsed = time.perf_counter() - started
     assert dict(small.calls) == few  # no read per integration...
-    assert few["get_records_for_run"] == 1  # ...but one to quote each failed latest sync
+    # ...not even to quote a failed latest sync: the run carries its failure in a tag.
+    assert "get_records_for_run" not in few
     assert few["get_asset_records"] == 1
     assert len(cards) == 405
     assert elapsed < 5, f"{elapsed:.1f} s for 405 cards"
