@@ -121,7 +121,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     config, integration = _integration(args)
     with _instance() as instance:
         result = sync_now(
-            build_definitions(config),
+            build_definitions(config.only(integration.name)),
             integration,
             instance,
             first=args.partition,

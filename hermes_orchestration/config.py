@@ -770,6 +770,14 @@ class IntegrationsConfig(BaseModel):
         known = ", ".join(self.names) or "none"
         raise KeyError(f"no integration named {name!r} in {self.path} (known: {known})")
 
+    def only(self, name: str) -> IntegrationsConfig:
+        """The same file as if it declared integration ``name`` alone (KeyError if it does not).
+
+        A process that works on one integration (``hermes-orchestration sync NAME``) builds the
+        definitions of that one, not of every integration in the file.
+        """
+        return self.model_copy(update={"integrations": (self.get(name),)})
+
     def by_master_database(self) -> dict[str, tuple[Integration, ...]]:
         """The integrations grouped by the master database they feed, in file order."""
         groups: dict[str, list[Integration]] = {}

@@ -96,14 +96,14 @@ def fetch_raw_clients(
     keys = list(context.partition_keys)
     windows = [partitions_def.time_window_for_partition_key(key) for key in keys]
     since, until = windows[0].start, windows[-1].end
-    window = f"[{since.isoformat()}, {until.isoformat()})"
+    span = f"[{since.isoformat()}, {until.isoformat()})"
     starts = [window.start.timestamp() for window in windows[1:]]
     staging = context.resources.staging.for_integration(integration)
 
     for attempt in range(1, MAX_WINDOW_RESTARTS + 1):
         counts = [0] * len(keys)
         digests = [ContentDigest() for _ in keys]
-        progress = _Progress(context.log, window)
+        progress = _Progress(context.log, span)
         try:
             with (
                 context.resources.hermes_api.client(integration, logger=context.log) as client,

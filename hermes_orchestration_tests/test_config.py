@@ -453,6 +453,16 @@ def test_get_names_the_known_integrations_when_one_is_missing() -> None:
         config.get("tienda_norte")
 
 
+def test_a_file_narrowed_to_one_integration_keeps_it_and_its_path() -> None:
+    shipped = load_integrations(PROJECT_ROOT / "integrations.yaml")
+    narrowed = shipped.only("tienda_sur")
+    assert narrowed.integrations == (shipped.get("tienda_sur"),)
+    assert narrowed.path == shipped.path
+    assert len(shipped.integrations) == 2  # the original is untouched
+    with pytest.raises(KeyError, match="no integration named 'tienda_norte'"):
+        shipped.only("tienda_norte")
+
+
 def test_models_are_frozen() -> None:
     integration = only(MINIMAL)
     with pytest.raises(ValueError, match="frozen"):
