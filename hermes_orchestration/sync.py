@@ -288,14 +288,15 @@ def validate_clients(
     unchanged = 0
     with staging.transaction() as writes:
         for key in context.partition_keys:
-            source = validated_from(
-                staging.metadata(RAW, key).get(CONTENT_KEY, ""),
-                default_country=integration.default_country,
-                today=today,
+            raw_content = staging.metadata(RAW, key).get(CONTENT_KEY)
+            # Raw rows staged without a digest are of unknown content: never taken as unchanged.
+            source = raw_content and validated_from(
+                raw_content, default_country=integration.default_country, today=today
             )
             staged = staging.metadata(VALID, key)
             if (
-                not full_sync(context)
+                source
+                and not full_sync(context)
                 and staged.get(CONTENT_KEY) == source
                 and staging.metadata(REJECTED, key).get(CONTENT_KEY) == source
                 and SUMMARY_KEY in staged
@@ -304,8 +305,10 @@ def validate_clients(
                 unchanged += 1
                 continue
             counts = _validate(staging, writes, key, integration.default_country, today)
-            writes.annotate(VALID, key, {CONTENT_KEY: source, SUMMARY_KEY: counts.to_json()})
-            writes.annotate(REJECTED, key, {CONTENT_KEY: source})
+            writes.annotate(VALID, key, {SUMMARY_KEY: counts.to_json()})
+            if source:
+                writes.annotate(VALID, key, {CONTENT_KEY: source})
+                writes.annotate(REJECTED, key, {CONTENT_KEY: source})
             totals.add(counts)
     if unchanged:
         context.log.info(

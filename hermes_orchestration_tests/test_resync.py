@@ -11,17 +11,19 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from hermes_orchestration.assets import MASTER_DATA, VALIDATED_CLIENTS
+from hermes_orchestration.assets import MASTER_DATA, VALIDATED_CLIENTS, asset_key
 from hermes_orchestration.cli import main
 from hermes_orchestration.code_location import build_definitions
 from hermes_orchestration.config import load_integrations
 from hermes_orchestration.fingerprints import ContentDigest, loaded_from, validated_from
+from hermes_orchestration.jobs import sync_job_name
 from hermes_orchestration.launch import sync_now
 from hermes_orchestration.records import records_to_batch
 from hermes_orchestration.simulator import HermesSimulator, SimulatorConfig
-from hermes_orchestration.staging import VALID, PartitionStaging
+from hermes_orchestration.staging import RAW, VALID, PartitionStaging
 from hermes_orchestration_tests.conftest import SIM_END, SIM_PARTITIONS, SIM_START, TOKEN
 from hermes_orchestration_tests.test_asset_chain import (
     SANTIAGO,
@@ -159,6 +161,28 @@ def test_a_master_database_that_lacks_the_load_is_loaded_again(
     assert table_rows(fresh, "SELECT count(*) FROM contact_sources") == [
         (loaded["sources_inserted"],)
     ]
+
+
+def test_raw_rows_staged_without_a_digest_are_never_taken_as_unchanged(
+    integrations_file, state_dir
+) -> None:
+    integrations_file("tienda_test")
+    config = load_integrations()
+    integration = config.integrations[0]
+    job = build_definitions(config).resolve_job_def(sync_job_name(integration))
+    after_fetch = [asset_key(integration, VALIDATED_CLIENTS), asset_key(integration, MASTER_DATA)]
+    with dg.instance_for_test() as instance:
+        run(instance)
+        # Raw rows as a version without digests staged them: the same rows, no metadata.
+        raw = PartitionStaging(state_dir / "staging", "tienda_test").path(RAW, PARTITION)
+        pq.write_table(pq.read_table(raw).replace_schema_metadata(None), raw)
+        for _ in range(2):
+            result = job.execute_in_process(
+                instance=instance, asset_selection=after_fetch, partition_key=PARTITION
+            )
+            assert result.success
+            validated, loaded = steps(result)
+            assert validated["partitions_unchanged"] == loaded["partitions_unchanged"] == 0
 
 
 def test_a_client_changed_on_the_site_is_validated_and_loaded_again(
