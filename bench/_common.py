@@ -120,12 +120,31 @@ def print_header(title: str, info: Mapping[str, Any]) -> None:
     print(f"command: {reproduce_command()}", flush=True)
 
 
-def save_results(name: str, data: Mapping[str, Any]) -> Path:
-    """Write ``bench/results/<name>.json`` and return its path."""
+def finish(
+    name: str,
+    info: Mapping[str, Any],
+    figures: Mapping[str, Any],
+    *,
+    targets: Any = None,
+    started: float | None = None,
+    file_name: str | None = None,
+) -> int:
+    """Write a benchmark's results to ``bench/results/<file_name or name>.json``: the figures,
+    with the machine, the command and (when given) the targets checked and the time since
+    ``started``. Says where; returns the exit status, 0."""
+    data: dict[str, Any] = {"benchmark": name}
+    if targets is not None:
+        data["targets"] = targets
+    data.update(command=reproduce_command(), machine=info)
+    if started is not None:
+        data["load_average_at_end"] = load_average()
+        data["total_seconds"] = round(time.perf_counter() - started, 1)
+    data.update(figures)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{file_name or name}.json"
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+    print(f"\nresults: {path.relative_to(REPO)}")
+    return 0
 
 
 def rate(rows: int, seconds: float) -> float:

@@ -145,22 +145,12 @@ def main() -> int:
         f"({backfill['run_rows_per_second']:,} / {single['run_rows_per_second']:,})"
     )
     targets = [c.check_target("backfill rows/s as a share of one partition's", ratio, 0.8)]
-    path = c.save_results(
-        NAME,
-        {
-            "benchmark": NAME,
-            "targets": targets,
-            "command": c.reproduce_command(),
-            "machine": info,
-            "load_average_at_end": c.load_average(),
-            "total_seconds": round(time.perf_counter() - started, 1),
-            "backfill": backfill,
-            "one_partition": single,
-            "ratio": round(ratio, 3),
-        },
-    )
-    print(f"\nresults: {path.relative_to(c.REPO)}")
-    return 0
+    figures = {
+        "backfill": backfill,
+        "one_partition": single,
+        "ratio": round(ratio, 3),
+    }
+    return c.finish(NAME, info, figures, targets=targets, started=started)
 
 
 if __name__ == "__main__":

@@ -422,20 +422,7 @@ def main() -> int:
         for result in results
         if isinstance(result.get("status"), dict)
     ]
-    path = c.save_results(
-        NAME,
-        {
-            "benchmark": NAME,
-            "targets": targets,
-            "command": c.reproduce_command(),
-            "machine": info,
-            "load_average_at_end": c.load_average(),
-            "total_seconds": round(time.perf_counter() - started, 1),
-            "storages": results,
-        },
-    )
-    print(f"\nresults: {path.relative_to(c.REPO)}")
-    return 0
+    return c.finish(NAME, info, {"storages": results}, targets=targets, started=started)
 
 
 if __name__ == "__main__":

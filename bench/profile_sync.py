@@ -178,12 +178,7 @@ def main() -> int:
             print("   PostgreSQL statements by total time (SQLAlchemy; COPY not included):")
             print(textwrap.indent(c.describe_sql(probe["sql"]), "   "))
             print(f"   raw stacks: {raw.relative_to(c.REPO)}")
-    path = c.save_results(
-        f"{NAME}_{args.clients}",
-        {"benchmark": NAME, "command": c.reproduce_command(), "machine": info, **results},
-    )
-    print(f"\nresults: {path.relative_to(c.REPO)}")
-    return 0
+    return c.finish(NAME, info, results, file_name=f"{NAME}_{args.clients}")
 
 
 if __name__ == "__main__":

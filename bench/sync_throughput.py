@@ -245,20 +245,7 @@ def main() -> int:
             for run in runs
         ),
     ]
-    path = c.save_results(
-        NAME,
-        {
-            "benchmark": NAME,
-            "targets": targets,
-            "command": c.reproduce_command(),
-            "machine": info,
-            "load_average_at_end": c.load_average(),
-            "total_seconds": round(time.perf_counter() - started, 1),
-            "runs": runs,
-        },
-    )
-    print(f"\nresults: {path.relative_to(c.REPO)}")
-    return 0
+    return c.finish(NAME, info, {"runs": runs}, targets=targets, started=started)
 
 
 if __name__ == "__main__":
