@@ -55,6 +55,8 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = ARTIFACTS / "ui"
 TIMEOUT_MS = 30_000
+# Assertions wait as long as actions: on a busy 2-core machine the UI may take over 5 s to fill in.
+expect.set_options(timeout=TIMEOUT_MS)
 
 
 @pytest.fixture(scope="module")
