@@ -312,9 +312,7 @@ def _sqlite_engine(url: sa.URL) -> Engine:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # pysqlite's own transaction handling would not BEGIN before DDL; SQLAlchemy does it below.
         dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for a load
-        cursor.close()
+        _use_wal(dbapi_connection)
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -322,6 +320,27 @@ def _sqlite_engine(url: sa.URL) -> Engine:
         conn.exec_driver_sql(_SQLITE_BEGIN[mode])
 
     return engine
+
+
+def _use_wal(dbapi_connection: sqlite3.Connection) -> None:
+    """Put the database in WAL mode, so that readers never wait for a load.
+
+    The mode is stored in the file: only the first connection to a new database switches it. That
+    switch needs the database to itself, and SQLite may refuse it at once ("database is locked")
+    rather than wait when other processes open the new file at the same moment; it is tried
+    again until the busy timeout.
+    """
+    deadline = time.monotonic() + _SQLITE_BUSY_SECONDS
+    while True:
+        try:
+            (mode,) = dbapi_connection.execute("PRAGMA journal_mode").fetchone()
+            if mode.lower() != "wal":
+                dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextmanager

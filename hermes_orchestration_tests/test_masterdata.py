@@ -892,6 +892,46 @@ def comparable_state(store: MasterDataStore) -> tuple[Any, ...]:
     return live_contacts(store), versions, rejected
 
 
+def _create_schema_in_worker(url: str, barrier: Any, errors: Any) -> None:
+    """Runs in another process: open the store and create its tables, all at once with others."""
+    try:
+        store = MasterDataStore(url)
+        barrier.wait(timeout=60)
+        store.ensure_schema()
+        store.dispose()
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise
+
+
+def test_processes_opening_a_new_sqlite_master_database_at_once_all_succeed(
+    tmp_path: Path,
+) -> None:
+    # The first connection switches a new file to WAL, which SQLite may refuse at once ("database
+    # is locked") to a process racing another; each one waits its turn instead of failing.
+    context = multiprocessing.get_context("fork")
+    for attempt in range(6):
+        url = f"sqlite:///{tmp_path / f'new_{attempt}.sqlite'}"
+        barrier, errors = context.Barrier(8), context.Queue()
+        processes = [
+            context.Process(target=_create_schema_in_worker, args=(url, barrier, errors))
+            for _ in range(8)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=120)
+        failures = []
+        while not errors.empty():
+            failures.append(errors.get())
+        assert not failures, "\n".join(failures)
+        assert [process.exitcode for process in processes] == [0] * 8
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()
+
+
 @pytest.mark.parametrize("backend_url", BACKENDS, indirect=True)
 def test_concurrent_loads_give_the_result_of_loading_one_after_the_other(
     backend_url: str,
