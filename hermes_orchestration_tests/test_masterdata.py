@@ -892,6 +892,25 @@ def comparable_state(store: MasterDataStore) -> tuple[Any, ...]:
     return live_contacts(store), versions, rejected
 
 
+def run_at_once(context: Any, target: Any, argument_sets: Sequence[tuple[Any, ...]]) -> None:
+    """Run ``target(*arguments, barrier, errors)`` in one process per argument set, released
+    together by the barrier; fail with the workers' tracebacks if any of them failed."""
+    barrier, errors = context.Barrier(len(argument_sets)), context.Queue()
+    processes = [
+        context.Process(target=target, args=(*arguments, barrier, errors))
+        for arguments in argument_sets
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, "\n".join(failures)
+    assert [process.exitcode for process in processes] == [0] * len(processes)
+
+
 def _create_schema_in_worker(url: str, barrier: Any, errors: Any) -> None:
     """Runs in another process: open the store and create its tables, all at once with others."""
     try:
@@ -912,20 +931,7 @@ def test_processes_opening_a_new_sqlite_master_database_at_once_all_succeed(
     context = multiprocessing.get_context("fork")
     for attempt in range(6):
         url = f"sqlite:///{tmp_path / f'new_{attempt}.sqlite'}"
-        barrier, errors = context.Barrier(8), context.Queue()
-        processes = [
-            context.Process(target=_create_schema_in_worker, args=(url, barrier, errors))
-            for _ in range(8)
-        ]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(timeout=120)
-        failures = []
-        while not errors.empty():
-            failures.append(errors.get())
-        assert not failures, "\n".join(failures)
-        assert [process.exitcode for process in processes] == [0] * 8
+        run_at_once(context, _create_schema_in_worker, [(url,)] * 8)
         engine = sa.create_engine(url)
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -946,21 +952,11 @@ def test_concurrent_loads_give_the_result_of_loading_one_after_the_other(
     for (integration, partition_key), table in sorted(tables.items(), reverse=True):
         work.setdefault(integration, []).append((integration, partition_key, table))
 
-    context = multiprocessing.get_context("spawn")
-    barrier, errors = context.Barrier(len(work)), context.Queue()
-    processes = [
-        context.Process(target=_load_in_worker, args=(backend_url, loads, barrier, errors))
-        for loads in work.values()
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, "\n".join(failures)
-    assert [process.exitcode for process in processes] == [0] * len(processes)
+    run_at_once(
+        multiprocessing.get_context("spawn"),
+        _load_in_worker,
+        [(backend_url, loads) for loads in work.values()],
+    )
 
     concurrent_store = MasterDataStore(backend_url)
     concurrent = comparable_state(concurrent_store)
