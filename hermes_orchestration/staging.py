@@ -49,11 +49,13 @@ class PartitionStaging:
         MissingStagedDataError when absent."""
         return pq.read_table(self._existing(stage, partition_key), columns=columns)
 
-    def batches(self, stage: str, partition_key: str) -> Iterator[pa.RecordBatch]:
-        """The staged rows of a partition, one row group at a time (MissingStagedDataError when
-        absent), so that a reader holds a row group, not the partition."""
-        file = pq.ParquetFile(self._existing(stage, partition_key))
-        return file.iter_batches(batch_size=ROW_GROUP_ROWS)
+    def batches(
+        self, stage: str, partition_key: str, columns: list[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """The staged rows of a partition (only ``columns`` if given), one row group at a time
+        (MissingStagedDataError when absent), so that a reader holds a row group, not the
+        partition."""
+        return _row_groups(pq.ParquetFile(self._existing(stage, partition_key)), columns)
 
     def _existing(self, stage: str, partition_key: str) -> Path:
         path = self.path(stage, partition_key)
@@ -96,7 +98,11 @@ class PartitionStaging:
 
 
 class StagedWrites:
-    """Files being written by one step; see ``PartitionStaging.transaction``."""
+    """Files being written by one step; see ``PartitionStaging.transaction``.
+
+    A partition's file stays open until the step ``finish``es it, so a step that works through
+    many partitions (a range run) holds one or two open files at a time, not one per partition.
+    """
 
     def __init__(self, staging: PartitionStaging, scratch: Path) -> None:
         self._staging = staging
@@ -105,22 +111,16 @@ class StagedWrites:
         self._pending: dict[tuple[str, str], list[pa.RecordBatch]] = {}
         self._files: dict[tuple[str, str], Path] = {}
 
-    def writer(self, stage: str, partition_key: str, schema: pa.Schema) -> pq.ParquetWriter:
-        """An open Parquet writer for a partition's file (created on first use)."""
+    def write(self, stage: str, partition_key: str, data: pa.Table | pa.RecordBatch) -> None:
+        """Append a table or batch to a partition's file, in row groups of ``ROW_GROUP_ROWS``.
+
+        Writing to a finished file opens it again (its rows are copied into a new file, which
+        drops its metadata): it must be finished again.
+        """
         key = (stage, partition_key)
         writer = self._writers.get(key)
         if writer is None:
-            path = self._scratch / stage / f"{_safe(partition_key)}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writer = pq.ParquetWriter(path, schema, compression=COMPRESSION)
-            self._writers[key] = writer
-            self._files[key] = path
-        return writer
-
-    def write(self, stage: str, partition_key: str, data: pa.Table | pa.RecordBatch) -> None:
-        """Append a table or batch to a partition's file, in row groups of ``ROW_GROUP_ROWS``."""
-        key = (stage, partition_key)
-        writer = self.writer(stage, partition_key, data.schema)
+            writer = self._open(key, data.schema)
         pending = self._pending.setdefault(key, [])
         pending.extend([data] if isinstance(data, pa.RecordBatch) else data.to_batches())
         gathered = sum(batch.num_rows for batch in pending)
@@ -130,21 +130,44 @@ class StagedWrites:
             writer.write_table(table.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
             self._pending[key] = table.slice(whole).to_batches()
 
-    def annotate(self, stage: str, partition_key: str, metadata: dict[str, str]) -> None:
-        """Add key-value metadata to a partition's file being written (read back by
-        ``PartitionStaging.metadata``)."""
+    def finish(
+        self, stage: str, partition_key: str, metadata: dict[str, str] | None = None
+    ) -> None:
+        """Complete a partition's file with its key-value ``metadata`` (read back by
+        ``PartitionStaging.metadata``) and close it; it is published with the others."""
         key = (stage, partition_key)
-        if key not in self._writers:
-            raise KeyError(f"nothing was written to {stage} for partition {partition_key}")
-        self._writers[key].add_key_value_metadata(metadata)
+        writer = self._writers.pop(key, None)
+        if writer is None:
+            raise KeyError(f"no open file of {stage} for partition {partition_key}")
+        try:
+            self._flush(key, writer)
+            if metadata:
+                writer.add_key_value_metadata(metadata)
+        finally:
+            writer.close()
+
+    def _open(self, key: tuple[str, str], schema: pa.Schema) -> pq.ParquetWriter:
+        stage, partition_key = key
+        finished = self._files.get(key)
+        path = self._scratch / stage / f"{_safe(partition_key)}.{uuid.uuid4().hex}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = pq.ParquetWriter(path, schema, compression=COMPRESSION)
+        self._writers[key] = writer
+        self._files[key] = path
+        if finished is not None:  # written again after it was finished: carry its rows over
+            for batch in pq.ParquetFile(finished).iter_batches(batch_size=ROW_GROUP_ROWS):
+                self._pending.setdefault(key, []).append(batch)
+            finished.unlink()
+        return writer
 
     def _flush(self, key: tuple[str, str], writer: pq.ParquetWriter) -> None:
         pending = self._pending.pop(key, [])
         if pending:
-            writer.write_table(pa.Table.from_batches(pending))
+            writer.write_table(pa.Table.from_batches(pending), row_group_size=ROW_GROUP_ROWS)
 
     def close(self, *, discard: bool = False) -> None:
-        """Write what is gathered (unless ``discard``) and close every open writer (idempotent)."""
+        """Finish every open file without metadata (unless ``discard``: then only close them;
+        idempotent)."""
         try:
             if not discard:
                 for key, writer in self._writers.items():
@@ -162,6 +185,14 @@ class StagedWrites:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         self._files.clear()
+
+
+def _row_groups(file: pq.ParquetFile, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    # Row group by row group: ``iter_batches`` over the whole file keeps every row group it has
+    # decoded until the file is closed, so reading a partition that way would end up holding all
+    # of it (1,000,000 clients: 230 MB of Arrow memory more than one row group).
+    for index in range(file.num_row_groups):
+        yield from file.read_row_group(index, columns=columns).to_batches()
 
 
 def _safe(partition_key: str) -> str:

@@ -101,14 +101,13 @@ def fetch_raw_clients(
     staging = context.resources.staging.for_integration(integration)
 
     for attempt in range(1, MAX_WINDOW_RESTARTS + 1):
-        counts = [0] * len(keys)
-        digests = [ContentDigest() for _ in keys]
         progress = _Progress(context.log, span)
         try:
             with (
                 context.resources.hermes_api.client(integration, logger=context.log) as client,
                 staging.transaction() as writes,
             ):
+                staged = _RawPartitions(writes, keys)
                 current = 0
                 for page in client.iter_pages(since, until):
                     if starts:
@@ -116,15 +115,10 @@ def fetch_raw_clients(
                     else:  # one partition: every row is its own
                         buckets = [(0, page.records)]
                     for index, records in buckets:
-                        batch = records_to_batch(records)
-                        writes.write(RAW, keys[index], batch)
-                        digests[index].update(batch)
-                        counts[index] += len(records)
+                        staged.add(index, records)
+                    staged.complete_before(current)
                     progress.page(page)
-                for index, key in enumerate(keys):
-                    if counts[index] == 0:
-                        writes.write(RAW, key, RAW_SCHEMA.empty_table())
-                    writes.annotate(RAW, key, {CONTENT_KEY: digests[index].hexdigest()})
+                staged.complete()
             break
         except CursorExpiredError as err:
             if attempt == MAX_WINDOW_RESTARTS:
@@ -141,13 +135,53 @@ def fetch_raw_clients(
     progress.done()
     return dg.MaterializeResult(
         metadata={
-            "rows_fetched": sum(counts),
+            "rows_fetched": sum(staged.counts),
             "pages": progress.pages,
             "window_start": since.isoformat(),
             "window_end": until.isoformat(),
             "partitions": len(keys),
         }
     )
+
+
+class _RawPartitions:
+    """The raw files of a run's partitions while the listing is read: each row is filed under
+    its partition, and each file is finished, with the digest of its content, once the listing
+    has moved past its partition. So a range run holds one open file, not one per partition."""
+
+    def __init__(self, writes: StagedWrites, keys: list[str]) -> None:
+        self._writes = writes
+        self._keys = keys
+        self.counts = [0] * len(keys)
+        self._digests = [ContentDigest() for _ in keys]
+        self._open: set[int] = set()
+        self._done = 0  # the partitions before this one are finished
+
+    def add(self, index: int, records: list[Any]) -> None:
+        batch = records_to_batch(records)
+        self._writes.write(RAW, self._keys[index], batch)
+        self._digests[index].update(batch)
+        self.counts[index] += len(records)
+        self._open.add(index)
+
+    def complete_before(self, index: int) -> None:
+        """The listing is ordered by updated_at: the partitions before ``index`` are complete.
+        (A row listed out of order later opens its partition's file again.)"""
+        for earlier in range(self._done, index):
+            self._finish(earlier)
+        self._done = max(self._done, index)
+
+    def complete(self) -> None:
+        """The listing has ended: finish every partition not finished yet."""
+        for index in sorted(self._open | set(range(self._done, len(self._keys)))):
+            self._finish(index)
+
+    def _finish(self, index: int) -> None:
+        key = self._keys[index]
+        if self.counts[index] == 0:
+            self._writes.write(RAW, key, RAW_SCHEMA.empty_table())
+        self._writes.finish(RAW, key, {CONTENT_KEY: self._digests[index].hexdigest()})
+        self._open.discard(index)
 
 
 def _by_partition(
@@ -305,10 +339,9 @@ def validate_clients(
                 unchanged += 1
                 continue
             counts = _validate(staging, writes, key, integration.default_country, today)
-            writes.annotate(VALID, key, {SUMMARY_KEY: counts.to_json()})
-            if source:
-                writes.annotate(VALID, key, {CONTENT_KEY: source})
-                writes.annotate(REJECTED, key, {CONTENT_KEY: source})
+            content = {CONTENT_KEY: source} if source else {}
+            writes.finish(VALID, key, {SUMMARY_KEY: counts.to_json(), **content})
+            writes.finish(REJECTED, key, content)
             totals.add(counts)
     if unchanged:
         context.log.info(
@@ -366,9 +399,7 @@ def _validate(
     Which version of each client is judged is settled first, from the ids and instants of the
     whole partition; then only one row group of the raw rows is held at a time.
     """
-    versions = staging.read(RAW, key, columns=["id", "updated_at"])
-    latest = latest_versions(versions.column("id"), versions.column("updated_at"))
-    del versions
+    latest = latest_versions(staging.batches(RAW, key, columns=["id", "updated_at"]))
     counts = _Validated()
     valid_ids: list[pa.Array] = []
     writes.write(VALID, key, CLEAN_SCHEMA.empty_table())  # a partition may have no rows

@@ -84,23 +84,35 @@ class ValidationResult:
     cleared_by_reason: dict[str, int]
 
 
-def latest_versions(
-    ids: pa.Array | pa.ChunkedArray, updated_at: pa.Array | pa.ChunkedArray
-) -> np.ndarray:
+def latest_versions(pieces: Iterable[pa.Table | pa.RecordBatch]) -> np.ndarray:
     """Which rows of a partition are judged: for each row, whether no other row supersedes it.
 
-    ``ids`` and ``updated_at`` are the raw ``id`` and ``updated_at`` columns of the whole
-    partition, in listing order. A row with an unusable id or updated_at is judged (and rejected)
-    as it is; among the others, the latest instant of each id wins, a tie going to the later row.
+    ``pieces`` are the partition's rows in listing order, piece by piece (with at least their
+    raw ``id`` and ``updated_at`` columns). Only the cleaned ids and the instants of the rows
+    are kept from one piece to the next, never their text. A row with an unusable id or
+    updated_at is judged (and rejected) as it is; among the others, the latest instant of each id
+    wins, a tie going to the later row.
     """
-    instants, micros, _ = _parse_instants(_clean_text(_combined(updated_at)))
-    return _latest(_clean_text(_combined(ids)), instants, micros)
+    ids: list[pa.Array] = []
+    micros: list[np.ndarray] = []
+    usable: list[np.ndarray] = []
+    for piece in pieces:
+        piece_ids = _clean_text(_combined(piece.column("id")))
+        instants, piece_micros, _ = _parse_instants(
+            _clean_text(_combined(piece.column("updated_at")))
+        )
+        ids.append(piece_ids)
+        micros.append(piece_micros)
+        usable.append(_usable(piece_ids, instants))
+    if not ids:
+        return np.zeros(0, dtype=bool)
+    all_ids = pa.concat_arrays(ids) if len(ids) > 1 else ids[0]
+    return ~_superseded(all_ids, np.concatenate(micros), np.concatenate(usable))
 
 
-def _latest(ids: pa.Array, instants: pa.Array, micros: np.ndarray) -> np.ndarray:
+def _usable(ids: pa.Array, instants: pa.Array) -> np.ndarray:
     # Rows without a usable id or updated_at cannot be ordered against other versions.
-    usable = _valid(ids) & _valid(instants)
-    return ~_superseded(ids, micros, usable)
+    return _valid(ids) & _valid(instants)
 
 
 def validate_row_groups(
@@ -169,7 +181,7 @@ def validate_partition(
     ids = _clean_text(fields["id"])
     updated_at, updated_micros, _ = _parse_instants(_clean_text(fields["updated_at"]))
     if latest is None:
-        latest = _latest(ids, updated_at, updated_micros)
+        latest = ~_superseded(ids, updated_micros, _usable(ids, updated_at))
     elif len(latest) != rows_in:
         raise ValueError(f"latest describes {len(latest)} rows, but there are {rows_in}")
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import date, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from hermes_orchestration.fingerprints import CONTENT_KEY, ContentDigest
+from hermes_orchestration.records import records_to_batch
 from hermes_orchestration.staging import ROW_GROUP_ROWS, MissingStagedDataError, PartitionStaging
+from hermes_orchestration.sync import _RawPartitions
 
 
 @pytest.fixture
@@ -45,6 +49,65 @@ def test_a_partition_is_read_back_one_row_group_at_a_time(staging) -> None:
     assert pa.Table.from_batches(batches).column("n").to_pylist() == list(range(rows))
 
 
+def test_reading_a_partition_back_holds_one_row_group_at_a_time_however_many_it_has(
+    staging,
+) -> None:
+    groups = 24
+    text = pa.array([f"{row:08d}" * 16 for row in range(ROW_GROUP_ROWS)], pa.string())
+    group_bytes = text.nbytes
+    with staging.transaction() as writes:
+        for _ in range(groups):
+            writes.write("raw_clients", "2026-11-02", pa.record_batch({"text": text}))
+    del text
+    before = pa.total_allocated_bytes()
+    most = rows = 0
+    for batch in staging.batches("raw_clients", "2026-11-02"):
+        rows += batch.num_rows
+        most = max(most, pa.total_allocated_bytes() - before)
+    assert rows == groups * ROW_GROUP_ROWS
+    # Held while reading: about one row group, not a growing share of the 24.
+    assert most < 3 * group_bytes, (most, group_bytes)
+
+
+def test_a_step_through_many_partitions_keeps_only_unfinished_files_open(staging) -> None:
+    def open_files() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    before = open_files()
+    with staging.transaction() as writes:
+        for day in range(300):
+            key = (date(2026, 1, 1) + timedelta(days=day)).isoformat()
+            writes.write("validated_clients", key, numbers(day, 3))
+            writes.finish("validated_clients", key, {"day": str(day)})
+            assert open_files() <= before + 1
+    assert staging.read("validated_clients", "2026-10-27").column("n").to_pylist() == [299, 300, 301]
+    assert staging.metadata("validated_clients", "2026-10-27") == {"day": "299"}
+
+
+def test_a_finished_file_written_again_keeps_its_rows_and_must_be_finished_again(staging) -> None:
+    # A listing that is not ordered by updated_at sends a row to a partition already finished.
+    with staging.transaction() as writes:
+        writes.write("raw_clients", "2026-11-02", numbers(0, ROW_GROUP_ROWS + 10))
+        writes.finish("raw_clients", "2026-11-02", {"hermes.content": "first"})
+        writes.write("raw_clients", "2026-11-03", numbers(0, 5))
+        writes.write("raw_clients", "2026-11-02", numbers(ROW_GROUP_ROWS + 10, 7))
+        writes.finish("raw_clients", "2026-11-02", {"hermes.content": "second"})
+    rows = staging.read("raw_clients", "2026-11-02").column("n").to_pylist()
+    assert rows == list(range(ROW_GROUP_ROWS + 17))
+    assert staging.metadata("raw_clients", "2026-11-02") == {"hermes.content": "second"}
+    assert staging.read("raw_clients", "2026-11-03").num_rows == 5
+    assert len(list((staging.root / "tienda_test" / "raw_clients").iterdir())) == 2
+
+
+def test_a_file_written_again_after_it_was_finished_loses_its_old_metadata(staging) -> None:
+    with staging.transaction() as writes:
+        writes.write("raw_clients", "2026-11-02", numbers(0, 3))
+        writes.finish("raw_clients", "2026-11-02", {"hermes.content": "of three rows"})
+        writes.write("raw_clients", "2026-11-02", numbers(3, 1))
+    assert staging.read("raw_clients", "2026-11-02").num_rows == 4
+    assert staging.metadata("raw_clients", "2026-11-02") == {}
+
+
 def test_a_failed_step_publishes_nothing_and_keeps_the_previous_files(staging) -> None:
     with staging.transaction() as writes:
         writes.write("raw_clients", "2026-11-02", numbers(0, 10))
@@ -61,7 +124,7 @@ def test_metadata_written_with_a_file_is_read_back_with_it(staging) -> None:
     assert staging.metadata("raw_clients", "2026-11-02") == {}
     with staging.transaction() as writes:
         writes.write("raw_clients", "2026-11-02", numbers(0, 10))
-        writes.annotate("raw_clients", "2026-11-02", {"hermes.content": "abc"})
+        writes.finish("raw_clients", "2026-11-02", {"hermes.content": "abc"})
     assert staging.metadata("raw_clients", "2026-11-02") == {"hermes.content": "abc"}
 
 
@@ -73,3 +136,35 @@ def test_reading_a_partition_never_staged_says_what_to_materialize(staging, read
         "validated_clients of integration 'tienda_test' has no data for partition 2026-11-09: "
         "materialize the upstream asset for that partition first."
     )
+
+
+def test_a_range_files_late_rows_under_their_partition_with_the_digest_of_all_its_rows(
+    staging,
+) -> None:
+    # Partitions are finished as the listing moves past them; a row listed out of order still
+    # lands in its own partition, whose digest then covers it.
+    def client(client_id: str) -> dict[str, str]:
+        return {"id": client_id, "updated_at": "2026-11-02T10:00:00Z", "email": "a@b.cl"}
+
+    keys = ["2026-11-02", "2026-11-03", "2026-11-04", "2026-11-05"]
+    with staging.transaction() as writes:
+        staged = _RawPartitions(writes, keys)
+        staged.add(0, [client("1"), client("2")])
+        staged.add(1, [client("3")])
+        staged.complete_before(2)
+        staged.add(0, [client("late")])
+        staged.add(2, [client("4")])
+        staged.complete()
+
+    expected = {
+        "2026-11-02": ["1", "2", "late"],
+        "2026-11-03": ["3"],
+        "2026-11-04": ["4"],
+        "2026-11-05": [],
+    }
+    for key, ids in expected.items():
+        assert staging.read("raw_clients", key).column("id").to_pylist() == ids
+        digest = ContentDigest()
+        digest.update(records_to_batch([client(client_id) for client_id in ids]))
+        assert staging.metadata("raw_clients", key) == {CONTENT_KEY: digest.hexdigest()}
+    assert staged.counts == [3, 1, 1, 0]

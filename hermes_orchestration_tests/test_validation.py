@@ -897,7 +897,8 @@ def test_validating_row_group_by_row_group_equals_validating_the_whole_partition
     whole = validate_partition(raw, today=TODAY)
     assert whole.duplicates_dropped >= 2
 
-    latest = latest_versions(raw.column("id"), raw.column("updated_at"))
+    latest = latest_versions(raw.select(["id", "updated_at"]).to_batches(max_chunksize=97))
+    assert latest.tolist() == latest_versions([raw]).tolist()
     pieces = list(validate_row_groups(raw.to_batches(max_chunksize=97), latest, today=TODAY))
 
     assert len(pieces) == -(-raw.num_rows // 97)
@@ -917,6 +918,6 @@ def test_validating_row_group_by_row_group_equals_validating_the_whole_partition
 
 def test_pieces_that_do_not_add_up_to_the_partition_are_refused() -> None:
     raw = pa.Table.from_batches([records_to_batch([client(id="a"), client(id="b")])])
-    latest = latest_versions(raw.column("id"), raw.column("updated_at"))
+    latest = latest_versions([raw])
     with pytest.raises(ValueError, match="the pieces hold 1 rows, but latest describes 2"):
         list(validate_row_groups([raw.slice(0, 1)], latest, today=TODAY))
