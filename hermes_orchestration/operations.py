@@ -16,7 +16,6 @@ import dagster as dg
 
 from hermes_orchestration.config import IntegrationsConfig
 from hermes_orchestration.switch import pause, resume
-from hermes_orchestration.verification import verify_integration
 
 SWITCH_JOB = "hermes_switch"
 VERIFY_JOB = "hermes_verify"
@@ -58,6 +57,8 @@ def _verify_job(config: IntegrationsConfig, integration_field: dg.Field) -> dg.J
     def verify_credentials(context: dg.OpExecutionContext) -> None:
         integration = config.get(context.op_config["integration"])
         _tag(context, integration.name, "verify")
+        from hermes_orchestration.verification import verify_integration  # the HTTP client
+
         outcome = verify_integration(integration)
         if not outcome.ok:
             raise dg.Failure(

@@ -3,21 +3,27 @@
 Secrets never pass through run config: the App Token of an integration is read, when a run needs
 it, from the environment variable that ``integrations.yaml`` names, and the master database URL
 (which may hold a password) from ``HERMES_MASTERDATA_URL``.
+
+What a resource works with (the HTTP client, Arrow, the database drivers) is imported when a run
+uses it: the code server, the daemon and ``hermes-orchestration status`` load the definitions
+without them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from hermes_orchestration import settings
 from hermes_orchestration.config import Integration
-from hermes_orchestration.hermes_client import HermesClient, RetryPolicy
-from hermes_orchestration.masterdata import MasterDataStore
-from hermes_orchestration.staging import PartitionStaging
+
+if TYPE_CHECKING:
+    from hermes_orchestration.hermes_client import HermesClient
+    from hermes_orchestration.masterdata import MasterDataStore
+    from hermes_orchestration.staging import PartitionStaging
 
 
 class HermesApiResource(dg.ConfigurableResource):
@@ -36,6 +42,8 @@ class HermesApiResource(dg.ConfigurableResource):
         Raises:
             MissingTokenError: the environment variable is not set, before any request is made.
         """
+        from hermes_orchestration.hermes_client import HermesClient, RetryPolicy
+
         return HermesClient.from_env(
             integration.site_url,
             integration.app_token_env,
@@ -58,9 +66,11 @@ class MasterDataResource(dg.ConfigurableResource):
         default=settings.MASTERDATA_URL_ENV,
         description="Name of the env var with the master database URL; unset: a local SQLite file.",
     )
-    _store: MasterDataStore | None = PrivateAttr(default=None)
+    _store: Any = PrivateAttr(default=None)  # a MasterDataStore while a run executes
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        from hermes_orchestration.masterdata import MasterDataStore
+
         self._store = MasterDataStore(settings.masterdata_url(self.url_env))
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -85,5 +95,7 @@ class StagingResource(dg.ConfigurableResource):
 
     def for_integration(self, integration: Integration) -> PartitionStaging:
         """The staged files of one integration."""
+        from hermes_orchestration.staging import PartitionStaging
+
         root = Path(self.root) if self.root else settings.staging_dir()
         return PartitionStaging(root=root, integration=integration.name)

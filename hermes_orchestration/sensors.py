@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -30,7 +31,6 @@ from hermes_orchestration.assets import pool_name
 from hermes_orchestration.checks import GUARD_SENSOR_NAME, health_evaluation
 from hermes_orchestration.config import Integration, IntegrationsConfig
 from hermes_orchestration.health import IntegrationCard, failure_summary, integration_cards
-from hermes_orchestration.hermes_client import RetryPolicy
 from hermes_orchestration.operations import OPERATION_JOBS
 from hermes_orchestration.switch import (
     PausedBy,
@@ -44,16 +44,22 @@ from hermes_orchestration.switch import (
     resume,
 )
 from hermes_orchestration.tags import CREDENTIALS_FAILURE, FAILURE_TAG, HTTP_STATUS_TAG
-from hermes_orchestration.verification import VerifyOutcome, verify_integration
+
+if TYPE_CHECKING:
+    from hermes_orchestration.verification import VerifyOutcome
 
 GUARD_SENSOR = GUARD_SENSOR_NAME
 TICK_SECONDS = 45
 REVERIFY_EVERY_SECONDS = 20 * 60
 # Verifications are network calls: a few per tick keep the tick well inside its time limit.
 MAX_VERIFICATIONS_PER_TICK = 3
-SENSOR_VERIFY_RETRY = RetryPolicy(
-    max_attempts=2, base_delay=0.5, max_total_seconds=8.0, timeout=5.0
-)
+# The retry policy of those verifications (hermes_client.RetryPolicy).
+SENSOR_VERIFY_RETRY = {
+    "max_attempts": 2,
+    "base_delay": 0.5,
+    "max_total_seconds": 8.0,
+    "timeout": 5.0,
+}
 MAX_POOL_UPDATES_PER_TICK = 100
 MAX_HEALTH_REPORTS_PER_TICK = 200
 QUEUED_RUNS_PER_TICK = 1000
@@ -64,7 +70,16 @@ FIRST_LOOKBACK_SECONDS = 24 * 3600
 OVERLAP_SECONDS = 300
 _SUMMARY_ACTIONS = 12
 
-Verify = Callable[[Integration], VerifyOutcome]
+Verify = Callable[[Integration], "VerifyOutcome"]
+
+
+def _verify(integration: Integration) -> VerifyOutcome:
+    # The HTTP client is imported by the first tick that verifies, not by every process that
+    # loads the definitions.
+    from hermes_orchestration.hermes_client import RetryPolicy
+    from hermes_orchestration.verification import verify_integration
+
+    return verify_integration(integration, retry=RetryPolicy(**SENSOR_VERIFY_RETRY))
 
 
 @dataclass
@@ -298,7 +313,7 @@ def guard_tick(
         integrations,
         now,
         log or logging.getLogger(__name__),
-        verify or (lambda integration: verify_integration(integration, retry=SENSOR_VERIFY_RETRY)),
+        verify or _verify,
     )
     failures_after = guard.pause_failing(
         cursor.failures_after if cursor.failures_after is not None else now - FIRST_LOOKBACK_SECONDS

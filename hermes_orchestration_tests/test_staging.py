@@ -80,7 +80,11 @@ def test_a_step_through_many_partitions_keeps_only_unfinished_files_open(staging
             writes.write("validated_clients", key, numbers(day, 3))
             writes.finish("validated_clients", key, {"day": str(day)})
             assert open_files() <= before + 1
-    assert staging.read("validated_clients", "2026-10-27").column("n").to_pylist() == [299, 300, 301]
+    assert staging.read("validated_clients", "2026-10-27").column("n").to_pylist() == [
+        299,
+        300,
+        301,
+    ]
     assert staging.metadata("validated_clients", "2026-10-27") == {"day": "299"}
 
 
