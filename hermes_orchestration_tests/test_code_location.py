@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 DATA_PATH = ["pyarrow", "pandas", "psycopg", "httpx", "email_validator"]
 
@@ -47,3 +48,31 @@ def test_the_data_path_converts_and_validates_without_importing_pandas() -> None
         [sys.executable, "-c", SYNC_PROBE], capture_output=True, text=True, check=True, timeout=120
     )
     assert json.loads(probe.stdout.strip().splitlines()[-1]) == [False, "DataFrame"]
+
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "hermes-orchestration"
+
+
+def test_the_console_script_says_everything_and_keeps_its_exit_status(
+    tmp_path, monkeypatch
+) -> None:
+    # The command exits without tearing the interpreter down: what it printed must all be out,
+    # including what its buffered output still held.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    schema = subprocess.run(
+        [CONSOLE_SCRIPT, "schema"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert schema.returncode == 0, schema.stderr
+    assert json.loads(schema.stdout)["title"]
+    assert schema.stdout.endswith("}\n")  # the last piece, still buffered when the command ended
+    broken = tmp_path / "integrations.yaml"
+    broken.write_text("integrations:\n  - name: Tienda Mala\n", encoding="utf-8")
+    check = subprocess.run(
+        [CONSOLE_SCRIPT, "validate", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 1
+    assert "Tienda Mala" in check.stdout + check.stderr
