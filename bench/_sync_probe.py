@@ -2,8 +2,8 @@
 
 Mirrors ``cli.cmd_sync``: import the definitions module, read the integrations file, build the
 definitions of the integration synced, then ``launch.sync_now`` (a real run of the shared job,
-in process, recorded in the instance of DAGSTER_HOME). Prints one JSON object; exit status 1 if
-the run failed. Run by the benchmarks as the measured "sync process".
+in process, recorded in the instance of DAGSTER_HOME) and the console script's exit. Prints one
+JSON object; exit status 1 if the run failed. Run by the benchmarks as the measured "sync process".
 """
 
 from __future__ import annotations
@@ -144,4 +144,6 @@ def _top_statements(stats: dict[str, list[float]], top: int = 12) -> dict[str, o
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hermes_orchestration.cli import exit_without_teardown
+
+    exit_without_teardown(main())  # as the console script ends

@@ -307,15 +307,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> NoReturn:
-    """The console script: ``main``, then an exit that does not tear the interpreter down.
+    """The console script: ``main``, then ``exit_without_teardown``."""
+    exit_without_teardown(main())
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End the process with ``code`` without tearing the interpreter down.
 
     Freeing the objects of Dagster and its libraries one by one at exit takes 0.5 to 1 s, longer
-    than ``status`` or a small ``sync`` themselves. Once the command is done, its exit handlers
+    than ``status`` or a small ``sync`` themselves. Once a command is done, its exit handlers
     run (logging's among them) and its output flushed, nothing needs that teardown: the
-    operating system takes the memory back at once. A command that leaves a thread of its own
-    running exits the usual way, which waits for it.
+    operating system takes the memory back at once. A process that still runs a thread of its
+    own exits the usual way, which waits for it.
     """
-    code = main()
     if any(
         thread.is_alive() and not thread.daemon
         for thread in threading.enumerate()
