@@ -16,7 +16,9 @@ from datetime import date
 from functools import cache
 from pathlib import Path
 
-from hermes_orchestration.arrow import pa, pc
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from hermes_orchestration.records import RAW_SCHEMA
 
 # Key of a staged file's metadata: the digest of the content it was made from.

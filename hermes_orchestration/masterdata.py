@@ -33,6 +33,8 @@ from typing import Any
 
 import orjson
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import sqlalchemy as sa
 from psycopg import sql as pgsql
@@ -42,7 +44,6 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable, DropTable
 
 from hermes_orchestration import masterdata_schema as ms
-from hermes_orchestration.arrow import pa, pc
 from hermes_orchestration.masterdata_schema import CONTACT_FIELDS, JSON_FIELDS, UtcDateTime
 from hermes_orchestration.records import CLEAN_SCHEMA, CONTACT_TEXT_FIELDS, REJECTED_SCHEMA
 

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
-
-from hermes_orchestration.arrow import pa, pc
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # The Client properties of the API contract, in contract order.
 CLIENT_FIELDS: tuple[str, ...] = (

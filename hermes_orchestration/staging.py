@@ -15,9 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
-
-from hermes_orchestration.arrow import pa
 
 RAW = "raw_clients"
 VALID = "validated_clients"

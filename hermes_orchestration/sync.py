@@ -17,8 +17,9 @@ from typing import Any
 
 import dagster as dg
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from hermes_orchestration.arrow import pa, pc
 from hermes_orchestration.config import Integration
 from hermes_orchestration.fingerprints import (
     CONTENT_KEY,

@@ -27,11 +27,12 @@ import email_validator
 import numpy as np
 import orjson
 import phonenumbers
+import pyarrow as pa
+import pyarrow.compute as pc
 from phonenumbers.phonemetadata import PhoneMetadata, PhoneNumberDesc
 from stdnum.cl import rut as cl_rut
 
 from hermes_orchestration import reasons
-from hermes_orchestration.arrow import pa, pc
 from hermes_orchestration.records import (
     CLEAN_SCHEMA,
     CLIENT_FIELDS,

@@ -29,27 +29,6 @@ def test_the_definitions_load_without_arrow_the_database_drivers_or_the_http_cli
     assert json.loads(probe.stdout.strip().splitlines()[-1]) == []
 
 
-SYNC_PROBE = """
-import json, sys
-from hermes_orchestration.records import records_to_batch
-from hermes_orchestration.validation import validate_partition
-import hermes_orchestration.masterdata, hermes_orchestration.sync
-client = {"id": "1", "email": "ana@example.cl", "updated_at": "2026-11-02T10:00:00Z"}
-batch = records_to_batch([client])
-validate_partition(batch)
-loaded = "pandas" in sys.modules
-frame = batch.to_pandas()  # whoever wants pandas still gets it
-print(json.dumps([loaded, type(frame).__name__]))
-"""
-
-
-def test_the_data_path_converts_and_validates_without_importing_pandas() -> None:
-    probe = subprocess.run(
-        [sys.executable, "-c", SYNC_PROBE], capture_output=True, text=True, check=True, timeout=120
-    )
-    assert json.loads(probe.stdout.strip().splitlines()[-1]) == [False, "DataFrame"]
-
-
 CONSOLE_SCRIPT = Path(sys.executable).parent / "hermes-orchestration"
 
 
