@@ -7,6 +7,7 @@ so it shows in the UI's run history like any other, with the integration's tags.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from importlib import import_module
 
 import dagster as dg
 
@@ -52,6 +53,10 @@ def sync_now(
         tags["dagster/asset_partition_range_start"] = first
         tags["dagster/asset_partition_range_end"] = last
     job = defs.resolve_job_def(sync_job_name(integration))
+    # What the steps run on (Arrow, the validators, the drivers; imported lazily so that the
+    # processes that only read the definitions do without them): this process runs the steps
+    # itself, so it imports them before the run starts, and the run's time is the sync's.
+    import_module("hermes_orchestration.sync")
     return job.execute_in_process(
         instance=instance,
         asset_selection=integration_asset_keys(integration),
