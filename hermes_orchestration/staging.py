@@ -155,8 +155,7 @@ class StagedWrites:
         self._writers[key] = writer
         self._files[key] = path
         if finished is not None:  # written again after it was finished: carry its rows over
-            for batch in pq.ParquetFile(finished).iter_batches(batch_size=ROW_GROUP_ROWS):
-                self._pending.setdefault(key, []).append(batch)
+            self._pending.setdefault(key, []).extend(_row_groups(pq.ParquetFile(finished), None))
             finished.unlink()
         return writer
 
