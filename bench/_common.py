@@ -664,14 +664,16 @@ def measure_sync(
     timeout: float,
     what: str,
     sql_timing: bool = False,
+    prefix: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run one sync as a measured process; its figures, stage timings and the run's report.
 
     With ``sql_timing``, the slowest PostgreSQL statements are reported too (under ``sql``).
+    ``prefix`` runs the sync under another command (a profiler: ``py-spy record ... --``).
     """
     with BackendWatch(databases) as watch:
         measured = run_measured(
-            sync_command(name, partition, last, sql_timing=sql_timing),
+            [*prefix, *sync_command(name, partition, last, sql_timing=sql_timing)],
             env=env,
             timeout=timeout,
             scratch=scratch,

@@ -9,11 +9,13 @@ database. Prints each run's rows/s, the ratio, and the peak RSS of every process
 
     .venv/bin/python bench/backfill.py
     .venv/bin/python bench/backfill.py --clients 50000 --days 30
+    .venv/bin/python bench/backfill.py --profile   # each sync under py-spy, summarized per step
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import textwrap
 import time
@@ -24,6 +26,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import _common as c
+import profile_sync as profiling
 
 NAME = "backfill"
 INTEGRATION = "tienda_bench"
@@ -44,6 +47,7 @@ def measure(
     seed: int,
     timeout: float,
     sql_timing: bool = False,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """Sync partitions ``first``..``last`` as one run from a simulator whose data spans them."""
     # The data keeps an hour clear of both ends of the range.
@@ -56,6 +60,12 @@ def measure(
         c.postgres_database("hermes_bench_backfill") as database,
     ):
         root = Path(tmp)
+        raw_stacks = c.RESULTS / f"{NAME}_{clients}_{label.replace(' ', '_')}.txt"
+        prefix = []
+        if profile:
+            c.RESULTS.mkdir(parents=True, exist_ok=True)
+            prefix = [profile, "record", "--idle", "--nolineno", "-r", str(profiling.RATE)]
+            prefix += ["-f", "raw", "-o", str(raw_stacks), "--"]
         home = c.write_dagster_yaml(root / "dagster_home")
         yaml = c.write_integrations(
             root / "integrations.yaml",
@@ -79,6 +89,7 @@ def measure(
             timeout=timeout,
             what=f"the {label} sync",
             sql_timing=sql_timing,
+            prefix=prefix,
         )
         simulator_peak = sim.read_peak()
     partitions = (last - first).days + 1
@@ -109,6 +120,9 @@ def measure(
     if "sql" in figures:
         print(f"{'':>24}PostgreSQL statements by total time (SQLAlchemy; COPY not included):")
         print(textwrap.indent(c.describe_sql(figures["sql"], width=90), " " * 24), flush=True)
+    if profile:
+        result["profile"] = profiling.summarize(raw_stacks, label, top=20)
+        print(f"   raw stacks: {raw_stacks.relative_to(c.REPO)}", flush=True)
     return result
 
 
@@ -121,7 +135,17 @@ def main() -> int:
     parser.add_argument(
         "--sql-timing", action="store_true", help="also list the slowest PostgreSQL statements"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run each sync under py-spy (not a dependency: .venv/bin/pip install py-spy)",
+    )
     args = parser.parse_args()
+    py_spy = None
+    if args.profile:
+        py_spy = shutil.which("py-spy", path=str(c.VENV_BIN)) or shutil.which("py-spy")
+        if not py_spy:
+            parser.error("py-spy is not installed: .venv/bin/pip install py-spy")
     info = c.machine()
     c.print_header("backfill: a year of partitions in one run vs one partition", info)
     started = time.perf_counter()
@@ -134,10 +158,18 @@ def main() -> int:
         args.seed,
         args.timeout,
         args.sql_timing,
+        py_spy,
     )
     one_day = LAST_DAY + timedelta(days=1)
     single = measure(
-        "one partition", args.clients, one_day, one_day, args.seed, args.timeout, args.sql_timing
+        "one partition",
+        args.clients,
+        one_day,
+        one_day,
+        args.seed,
+        args.timeout,
+        args.sql_timing,
+        py_spy,
     )
     ratio = backfill["run_rows_per_second"] / single["run_rows_per_second"]
     print(

@@ -24,7 +24,7 @@ import io
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -56,7 +56,7 @@ _SCHEMA_LOCK_NAMESPACE = 0x48524D54
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 _MAX_ATTEMPTS = 4
 _BATCH_ROWS = 50_000
-_ANALYZE_MIN_ROWS = 5_000  # working tables smaller than this are not analyzed
+_ANALYZE_MIN_ROWS = 10  # working tables smaller than this are not analyzed
 _SQLITE_BUSY_SECONDS = 120.0
 # SQLite: a load takes the write lock when it begins (no lock upgrade, so no deadlock);
 # reads and temporary-table work begin deferred.
@@ -79,7 +79,7 @@ class PartitionInputError(MasterDataError, ValueError):
 
 @dataclass(frozen=True)
 class LoadResult:
-    """What one partition load did.
+    """What one load of one or more partitions did.
 
     ``sources_unchanged`` counts the rows that were not newer than the stored version of their
     client (an older or equal version, or a row listed twice in the partition). The contact
@@ -87,7 +87,7 @@ class LoadResult:
     """
 
     master_database: str
-    partition_key: str
+    partition_keys: tuple[str, ...]
     rows: int
     sources_inserted: int
     sources_updated: int
@@ -100,11 +100,45 @@ class LoadResult:
     rejected: int
     master_database_updated_at: datetime
 
+    @property
+    def partition_key(self) -> str:
+        """The partition loaded, for the load of one."""
+        (key,) = self.partition_keys
+        return key
+
+    @classmethod
+    def combined(cls, results: Sequence[LoadResult]) -> LoadResult:
+        """The results of consecutive loads as one: counts summed, the latest update time."""
+        counts = {
+            name: sum(getattr(result, name) for result in results)
+            for name, value in asdict(results[0]).items()
+            if isinstance(value, int)
+        }
+        return cls(
+            master_database=results[-1].master_database,
+            partition_keys=tuple(key for result in results for key in result.partition_keys),
+            master_database_updated_at=results[-1].master_database_updated_at,
+            **counts,
+        )
+
     def as_metadata(self) -> dict[str, int | str]:
         """Plain values for Dagster metadata (the timestamp as ISO 8601 text)."""
         values: dict[str, Any] = asdict(self)
+        values["partition_keys"] = ", ".join(self.partition_keys)
         values["master_database_updated_at"] = self.master_database_updated_at.isoformat()
         return values
+
+
+@dataclass(frozen=True)
+class PartitionRows:
+    """One partition to load: its valid rows (``CLEAN_SCHEMA``: a table or a stream of batches),
+    its rejected rows (``REJECTED_SCHEMA``) and ``content``, a digest of what is loaded, recorded
+    with the load (see ``MasterDataStore.unchanged``)."""
+
+    key: str
+    valid: pa.Table | Iterable[pa.RecordBatch]
+    rejected: pa.Table
+    content: str | None = None
 
 
 def default_masterdata_url(state_dir: Path) -> str:
@@ -190,40 +224,105 @@ class MasterDataStore:
             PartitionInputError: the rows do not fit their schema; nothing was written.
             MasterDataError: the database failed; the transaction was rolled back.
         """
-        for label, value in (
-            ("integration", integration),
-            ("master_database", master_database),
-            ("partition_key", partition_key),
-        ):
-            if not isinstance(value, str) or not value.strip():
-                raise PartitionInputError(f"{label} must be a non-empty string, got {value!r}")
-        rejected_rows = _rejected_rows(rejected, integration, partition_key)
+        partition = PartitionRows(partition_key, valid, rejected, content)
+        return self.load_partitions(
+            integration=integration, master_database=master_database, partitions=[partition]
+        )
+
+    def load_partitions(
+        self, *, integration: str, master_database: str, partitions: Sequence[PartitionRows]
+    ) -> LoadResult:
+        """Merge consecutive partitions into ``master_database``: the master data of loading them
+        one after the other, in their order, with one transaction for all of them where that
+        gives the same result.
+
+        It does when no client is in two of the partitions and no contact loses its last live
+        sources over two of them (its content in between would differ). Otherwise, found out
+        before anything is written, each partition is merged in a transaction of its own, from
+        the rows already staged. Either way a transaction that fails leaves nothing of itself.
+
+        Raises:
+            PartitionInputError: the rows do not fit their schema; nothing was written.
+            MasterDataError: the database failed; the failed transaction was rolled back, and
+                the partitions merged before it (one transaction each) stay merged.
+        """
+        for label, value in (("integration", integration), ("master_database", master_database)):
+            _require_text(label, value)
+        if not partitions:
+            raise PartitionInputError("no partition to load")
+        keys = [partition.key for partition in partitions]
+        for key in keys:
+            _require_text("partition_key", key)
+        if len(set(keys)) < len(keys):
+            raise PartitionInputError(f"partitions listed twice in one load: {keys}")
+        rejected = [
+            _rejected_rows(partition.rejected, integration, partition.key)
+            for partition in partitions
+        ]
+        what = f"partition {keys[0]!r}" if len(keys) == 1 else f"partitions {keys[0]}..{keys[-1]}"
+        committed: list[str] = []  # partitions merged one by one, before a failure
         started = time.perf_counter()
         try:
             # preserve_rowcount: the merge counts what it wrote from INSERT ... SELECT row counts.
             with self._engine.connect().execution_options(preserve_rowcount=True) as conn:
                 try:
-                    rows = _stage(conn, valid)
-                    merge = _Merge(conn, integration, master_database, partition_key, content)
-                    result = _with_retries(conn, lambda: merge.run(rows, rejected_rows))
+                    staged = _stage(conn, [partition.valid for partition in partitions])
+                    parts = [
+                        _Part(index, partition.key, rows, rows_rejected, partition.content)
+                        for index, (partition, rows, rows_rejected) in enumerate(
+                            zip(partitions, staged.rows, rejected, strict=True)
+                        )
+                    ]
+                    result = self._merge(
+                        conn, integration, master_database, parts, staged, committed
+                    )
                 finally:
                     _drop_stage(conn)
         except (SQLAlchemyError, psycopg.Error) as err:
+            written = (
+                f"partitions {committed} were merged before the failure, the rest was not"
+                if committed
+                else "nothing of it was written"
+            )
             raise MasterDataError(
-                f"loading partition {partition_key!r} of integration {integration!r} into master "
-                f"database {master_database!r} at {self.display_url} failed and was rolled back, "
-                f"nothing of it was written: {_reason(err)}"
+                f"loading {what} of integration {integration!r} into master database "
+                f"{master_database!r} at {self.display_url} failed and was rolled back, "
+                f"{written}: {_reason(err)}"
             ) from err
         elapsed = time.perf_counter() - started
         logger.info(
-            "Loaded partition %s of %s into %s: %d rows in %.2f s (%d new, %d updated sources; "
+            "Loaded %s of %s into %s: %d rows in %.2f s (%d new, %d updated sources; "
             "%d new, %d updated, %d deleted, %d revived contacts; %d rejected)",
-            partition_key, integration, master_database, result.rows, elapsed,
+            what, integration, master_database, result.rows, elapsed,
             result.sources_inserted, result.sources_updated, result.contacts_inserted,
             result.contacts_updated, result.contacts_deleted, result.contacts_revived,
             result.rejected,
         )  # fmt: skip
         return result
+
+    def _merge(
+        self,
+        conn: Connection,
+        integration: str,
+        master_database: str,
+        parts: list[_Part],
+        staged: _Staged,
+        committed: list[str],
+    ) -> LoadResult:
+        """Merge the staged partitions: together if that is exact, else one after the other
+        (each one merged is added to ``committed``)."""
+        if len(parts) > 1 and not staged.shared_clients:
+            merge = _Merge(conn, integration, master_database, parts)
+            try:
+                return _with_retries(conn, merge.run)
+            except _NotTogether as reason:
+                logger.info("Merging partitions one by one: %s", reason)
+        results = []
+        for part in parts:
+            merge = _Merge(conn, integration, master_database, [part], only=part.index)
+            results.append(_with_retries(conn, merge.run))
+            committed.append(part.key)
+        return LoadResult.combined(results)
 
     def unchanged(
         self, *, integration: str, master_database: str, partition_key: str, content: str
@@ -246,7 +345,7 @@ class MasterDataStore:
             return None
         return LoadResult(
             master_database=master_database,
-            partition_key=partition_key,
+            partition_keys=(partition_key,),
             rows=row.rows,
             sources_inserted=0,
             sources_updated=0,
@@ -366,6 +465,11 @@ def _with_retries(conn: Connection, merge: Callable[[], LoadResult]) -> LoadResu
             )
             time.sleep(0.05 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def _require_text(label: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise PartitionInputError(f"{label} must be a non-empty string, got {value!r}")
 
 
 def _reason(err: BaseException) -> str:
@@ -518,27 +622,50 @@ def _utc_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
 
 
-def _stage(conn: Connection, valid: pa.Table | Iterable[pa.RecordBatch]) -> int:
-    """Copy the valid rows into ``hermes_stage``, one row per client (the newest); the row count.
+@dataclass(frozen=True)
+class _Staged:
+    rows: list[int]  # the rows staged of each partition
+    shared_clients: bool  # whether a client is in more than one of the partitions
+
+
+def _stage(conn: Connection, partitions: Sequence[pa.Table | Iterable[pa.RecordBatch]]) -> _Staged:
+    """Copy the valid rows of ``partitions`` into ``hermes_stage``, one row per client and
+    partition (the newest).
 
     Staging has its own transaction: the temporary table outlives it on this connection, so a
     merge that must be retried does not copy the rows again.
     """
     stage = ms.stage
-    rows = 0
+    rows: list[int] = []
+    ordinal = 0
+    distinct = 0  # clients, counted partition by partition
     ids: list[pa.Array] = []  # the Hermes ids alone, to spot a client listed twice
     with _transaction(conn, write=False):
         _tune_planner(conn)
         conn.execute(DropTable(stage, if_exists=True))
         conn.execute(CreateTable(stage))
-        for batch in _valid_batches(valid):
-            ordinal = pa.array(range(rows, rows + batch.num_rows), pa.int64())
-            _bulk_insert(conn, stage, batch.add_column(0, "ordinal", ordinal))
-            ids.extend(batch.column("hermes_id").chunks)
-            rows += batch.num_rows
-        _prepare_for_joins(conn, stage, rows)
-        if rows and pc.count_distinct(pa.chunked_array(ids)).as_py() < rows:
-            # A client listed twice keeps its newest version (the last one listed on a tie).
+        for part, valid in enumerate(partitions):
+            first = ordinal
+            part_ids: list[pa.Array] = []
+            for batch in _valid_batches(valid):
+                count = batch.num_rows
+                numbers = pa.array(range(ordinal, ordinal + count), pa.int64())
+                parts = pa.array([part] * count, pa.int32())
+                _bulk_insert(
+                    conn,
+                    stage,
+                    batch.add_column(0, "ordinal", numbers).add_column(0, "part", parts),
+                )
+                part_ids.extend(batch.column("hermes_id").chunks)
+                ordinal += count
+            rows.append(ordinal - first)
+            if part_ids:
+                distinct += pc.count_distinct(pa.chunked_array(part_ids)).as_py()
+            ids.extend(part_ids)
+        _prepare_for_joins(conn, stage, ordinal)
+        if distinct < ordinal:
+            # A client listed twice in a partition keeps its newest version there (the last one
+            # listed on a tie).
             newer = stage.alias("newer")
             is_newer = sa.or_(
                 newer.c.updated_at > stage.c.updated_at,
@@ -546,9 +673,16 @@ def _stage(conn: Connection, valid: pa.Table | Iterable[pa.RecordBatch]) -> int:
                     newer.c.updated_at == stage.c.updated_at, newer.c.ordinal > stage.c.ordinal
                 ),
             )
-            superseded = sa.exists().where(newer.c.hermes_id == stage.c.hermes_id, is_newer)
+            superseded = sa.exists().where(
+                newer.c.part == stage.c.part, newer.c.hermes_id == stage.c.hermes_id, is_newer
+            )
             conn.execute(sa.delete(stage).where(superseded))
-    return rows
+    shared = (
+        len(partitions) > 1
+        and bool(ids)
+        and (pc.count_distinct(pa.chunked_array(ids)).as_py() < distinct)
+    )
+    return _Staged(rows=rows, shared_clients=shared)
 
 
 def _drop_stage(conn: Connection) -> None:
@@ -565,32 +699,48 @@ def _drop_stage(conn: Connection) -> None:
 # --- Merge -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Part:
+    """A staged partition of a load."""
+
+    index: int  # its ``part`` in the stage table
+    key: str
+    rows: int
+    rejected: pa.Table  # ``rejected_clients`` columns
+    content: str | None
+
+
+class _NotTogether(Exception):
+    """Merging these partitions in one transaction would not equal merging them one by one."""
+
+
 class _Merge:
-    """The set-based merge of the staged rows, run inside the load transaction."""
+    """The set-based merge of staged partitions, run inside the load transaction: of all the
+    staged ones at once, or of the ``only`` one."""
 
     def __init__(
         self,
         conn: Connection,
         integration: str,
         master_database: str,
-        partition_key: str,
-        content: str | None,
+        parts: Sequence[_Part],
+        only: int | None = None,
     ) -> None:
         self.conn = conn
         self.integration = integration
         self.master_database = master_database
-        self.partition_key = partition_key
-        self.content = content
+        self.parts = parts
+        self.only = only
         self.now = datetime.now(UTC)  # the load time, set again by each attempt
 
-    def run(self, rows: int, rejected_rows: pa.Table) -> LoadResult:
+    def run(self) -> LoadResult:
         """Merge and count; the caller commits."""
         conn = self.conn
         self.now = datetime.now(UTC)
         _lock_master_database(conn, self.master_database)
         _tune_planner(conn)
         self._ensure_master_database()
-        self._replace_rejected(rejected_rows)
+        self._replace_rejected()
         for table in ms.MERGE_TABLES:
             conn.execute(DropTable(table, if_exists=True))
             conn.execute(CreateTable(table))
@@ -600,6 +750,8 @@ class _Merge:
             touched = self._lock_other_master_databases()
             affected = self._collect_affected()
             self._merge_contacts()
+            if len(self.parts) > 1:
+                self._check_together()
             contacts = self._write_contacts(affected)
             self._write_sources()
             table = ms.master_databases
@@ -610,15 +762,16 @@ class _Merge:
             )
         for table in reversed(ms.MERGE_TABLES):
             conn.execute(DropTable(table))
-        self._record_load(rows, rejected_rows.num_rows)
+        self._record_loads()
         updated_at = conn.scalar(
             sa.select(ms.master_databases.c.updated_at).where(
                 ms.master_databases.c.name == self.master_database
             )
         )
+        rows = sum(part.rows for part in self.parts)
         return LoadResult(
             master_database=self.master_database,
-            partition_key=self.partition_key,
+            partition_keys=tuple(part.key for part in self.parts),
             rows=rows,
             sources_inserted=sources_inserted,
             sources_updated=sources_updated,
@@ -628,7 +781,7 @@ class _Merge:
             contacts_unchanged=contacts.unchanged,
             contacts_deleted=contacts.deleted,
             contacts_revived=contacts.revived,
-            rejected=rejected_rows.num_rows,
+            rejected=sum(part.rejected.num_rows for part in self.parts),
             master_database_updated_at=updated_at,
         )
 
@@ -640,43 +793,50 @@ class _Merge:
         )
         self.conn.execute(statement.on_conflict_do_nothing(index_elements=[table.c.name]))
 
-    def _record_load(self, rows: int, rejected: int) -> None:
-        """Note what this load loaded (forgotten when its content is not known)."""
+    def _record_loads(self) -> None:
+        """Note what this load loaded of each partition (forgotten when its content is not
+        known)."""
         table = ms.partition_loads
+        keys = [part.key for part in self.parts]
         self.conn.execute(
             sa.delete(table).where(
-                table.c.integration == self.integration,
-                table.c.partition_key == self.partition_key,
+                table.c.integration == self.integration, table.c.partition_key.in_(keys)
             )
         )
-        if self.content is not None:
-            self.conn.execute(
-                sa.insert(table).values(
-                    integration=self.integration,
-                    partition_key=self.partition_key,
-                    master_database=self.master_database,
-                    content=self.content,
-                    rows=rows,
-                    rejected=rejected,
-                    loaded_at=self.now,
-                )
-            )
+        loads = [
+            {
+                "integration": self.integration,
+                "partition_key": part.key,
+                "master_database": self.master_database,
+                "content": part.content,
+                "rows": part.rows,
+                "rejected": part.rejected.num_rows,
+                "loaded_at": self.now,
+            }
+            for part in self.parts
+            if part.content is not None
+        ]
+        if loads:
+            self.conn.execute(sa.insert(table), loads)
 
-    def _replace_rejected(self, rejected_rows: pa.Table) -> None:
+    def _replace_rejected(self) -> None:
         table = ms.rejected_clients
+        keys = [part.key for part in self.parts]
         self.conn.execute(
             sa.delete(table).where(
-                table.c.integration == self.integration,
-                table.c.partition_key == self.partition_key,
+                table.c.integration == self.integration, table.c.partition_key.in_(keys)
             )
         )
-        rejected_at = pa.array([self.now] * rejected_rows.num_rows, pa.timestamp("us", tz="UTC"))
-        _bulk_insert(self.conn, table, rejected_rows.append_column("rejected_at", rejected_at))
+        for part in self.parts:
+            rows = part.rejected
+            rejected_at = pa.array([self.now] * rows.num_rows, pa.timestamp("us", tz="UTC"))
+            _bulk_insert(self.conn, table, rows.append_column("rejected_at", rejected_at))
 
     def _collect_changed(self) -> tuple[int, int]:
         """Keep the staged rows newer than their stored version; (new, updated) source counts."""
         stage, sources, changed = ms.stage, ms.contact_sources, ms.changed
         query = sa.select(
+            stage.c.part,
             stage.c.hermes_id,
             stage.c.email,
             *(stage.c[name] for name in CONTACT_FIELDS),
@@ -700,8 +860,10 @@ class _Merge:
         query = query.where(
             sa.or_(sources.c.hermes_id.is_(None), stage.c.updated_at > sources.c.updated_at)
         )
+        if self.only is not None:
+            query = query.where(stage.c.part == self.only)
         columns = [
-            "hermes_id", "email", *CONTACT_FIELDS, "created_at", "updated_at", "deleted_at",
+            "part", "hermes_id", "email", *CONTACT_FIELDS, "created_at", "updated_at", "deleted_at",
             "is_new", "old_master_database", "old_email", "old_live",
         ]  # fmt: skip
         _fill(self.conn, changed, columns, query)
@@ -824,6 +986,21 @@ class _Merge:
         )
         _fill(conn, after, columns, merged)
 
+    def _check_together(self) -> None:
+        """Raise ``_NotTogether`` if a contact loses its last live sources over several of the
+        partitions: merged one by one, the partitions before the last would have merged its
+        content again from the sources it still had."""
+        changed, orphans = ms.changed, _orphaned_keys()
+        spread = (
+            sa.select(orphans.c.master_database, orphans.c.email)
+            .join_from(orphans, changed, _left_by(changed, orphans))
+            .group_by(orphans.c.master_database, orphans.c.email)
+            .having(sa.func.count(changed.c.part.distinct()) > 1)
+            .limit(1)
+        )
+        if self.conn.scalar(spread) is not None:
+            raise _NotTogether("a contact loses its last live sources over several partitions")
+
     def _write_contacts(self, affected: int) -> _ContactCounts:
         """Insert new contacts, update changed or revived ones, soft-delete orphaned ones."""
         conn, contacts, before, after, changed = (
@@ -863,7 +1040,7 @@ class _Merge:
 
         # A live contact left without live sources: every one of them changed in this load
         # (deleted or moved to another email), so its deletion time is theirs.
-        keeps_a_source = sa.exists().where(_same_key(after, before))
+        orphans = _orphaned_keys()
         orphaned = (
             sa.select(
                 before.c.id,
@@ -872,16 +1049,8 @@ class _Merge:
                 ),
                 sa.func.max(changed.c.updated_at).label("updated_at"),
             )
-            .join_from(
-                before,
-                changed,
-                sa.and_(
-                    changed.c.old_live,
-                    changed.c.old_master_database == before.c.master_database,
-                    changed.c.old_email == before.c.email,
-                ),
-            )
-            .where(before.c.deleted_at.is_(None), ~keeps_a_source)
+            .join_from(before, orphans, _same_key(orphans, before))
+            .join(changed, _left_by(changed, before))
             .group_by(before.c.id)
             .subquery()
         )
@@ -1002,5 +1171,26 @@ def _tune_planner(conn: Connection) -> None:
         conn.execute(sa.text("SET LOCAL random_page_cost = 1.1"))
 
 
-def _same_key(left: sa.Table, right: sa.Table) -> sa.ColumnElement[bool]:
+def _orphaned_keys() -> sa.Subquery:
+    """The keys of the affected contacts that were live and have no live source left.
+
+    A set difference: PostgreSQL computes it by hashing, however few rows it guesses the
+    working tables hold (an anti-join it may plan as a nested loop over both).
+    """
+    before, after = ms.before, ms.after
+    live = sa.select(before.c.master_database, before.c.email).where(before.c.deleted_at.is_(None))
+    kept = sa.select(after.c.master_database, after.c.email)
+    return sa.except_(live, kept).subquery("orphaned_keys")
+
+
+def _left_by(changed: sa.Table, contacts: sa.Table | sa.Subquery) -> sa.ColumnElement[bool]:
+    """The changed sources that fed one of ``contacts`` before the load."""
+    return sa.and_(
+        changed.c.old_live,
+        changed.c.old_master_database == contacts.c.master_database,
+        changed.c.old_email == contacts.c.email,
+    )
+
+
+def _same_key(left: sa.Table | sa.Subquery, right: sa.Table) -> sa.ColumnElement[bool]:
     return sa.and_(left.c.master_database == right.c.master_database, left.c.email == right.c.email)

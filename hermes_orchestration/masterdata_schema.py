@@ -175,9 +175,11 @@ def _version_columns() -> list[sa.Column[Any]]:
     ]
 
 
-# The partition's valid rows, as loaded; `ordinal` is the position in the input.
+# The valid rows of the partitions loaded together, as loaded; `part` is the position of their
+# partition among them, `ordinal` the position in the input.
 stage = _temp_table(
     "hermes_stage",
+    sa.Column("part", sa.Integer, nullable=False),
     sa.Column("ordinal", sa.BigInteger, nullable=False),
     sa.Column("hermes_id", sa.Text, nullable=False),
     sa.Column("email", sa.Text),
@@ -189,6 +191,7 @@ stage = _temp_table(
 # The staged rows newer than the stored version of their source, with that stored version's key.
 changed = _temp_table(
     "hermes_changed",
+    sa.Column("part", sa.Integer, nullable=False),
     sa.Column("hermes_id", sa.Text, nullable=False),
     sa.Column("email", sa.Text),
     *_field_columns(),

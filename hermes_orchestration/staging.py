@@ -78,6 +78,10 @@ class PartitionStaging:
             if not key.startswith(b"ARROW:")  # Arrow's own copy of the schema
         }
 
+    def rows(self, stage: str, partition_key: str) -> int:
+        """How many rows a partition's staged file holds (MissingStagedDataError when absent)."""
+        return pq.read_metadata(self._existing(stage, partition_key)).num_rows
+
     def exists(self, stage: str, partition_key: str) -> bool:
         """Whether a partition's file of ``stage`` has been written."""
         return self.path(stage, partition_key).exists()

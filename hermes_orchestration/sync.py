@@ -11,6 +11,7 @@ import bisect
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -34,6 +35,7 @@ from hermes_orchestration.hermes_client import (
     HermesError,
     ScopeError,
 )
+from hermes_orchestration.masterdata import LoadResult, PartitionRows
 from hermes_orchestration.partitions import partitions_def_for
 from hermes_orchestration.records import (
     CLEAN_SCHEMA,
@@ -58,6 +60,9 @@ from hermes_orchestration.validation import (
 # A range run has PostgreSQL measure the master tables again once this many rows were inserted,
 # then each time they double (see MasterDataStore.refresh_statistics).
 REFRESH_STATISTICS_ROWS = 20_000
+
+# A range run merges consecutive partitions into the master data together, up to this many rows.
+LOAD_GROUP_ROWS = 100_000
 
 # A cursor that expires mid-window restarts the window from its first page, this many times.
 MAX_WINDOW_RESTARTS = 3
@@ -435,69 +440,95 @@ def _missing_required(valid: pa.Table) -> int:
 def load_master_data(
     context: dg.AssetExecutionContext, integration: Integration
 ) -> dg.MaterializeResult:
-    """Load each partition of the run into the master database, one transaction per partition.
+    """Load each partition of the run into the master database.
 
     A partition whose validated content is what its latest load loaded into the same master
     database is not merged again (unless the run is tagged for a full sync): nothing would change.
+    The others are merged in order; a range run merges consecutive ones together (see
+    ``_load_groups``), which gives the master data of merging them one by one.
     """
     tag_run(context, integration)
     staging = context.resources.staging.for_integration(integration)
     store = context.resources.masterdata.store
     store.ensure_schema()
-    totals: Counter[str] = Counter()
+    names = {"integration": integration.name, "master_database": integration.master_database}
+    results: list[LoadResult] = []
     rejected_by_reason: Counter[str] = Counter()
-    unchanged = 0
-    last = None
-    keys = context.partition_keys
-    inserted, refresh_at = 0, REFRESH_STATISTICS_ROWS
-    for key in keys:
-        if inserted >= refresh_at:  # the tables have doubled since the planner last looked
-            store.refresh_statistics()
-            refresh_at = 2 * inserted
-        rejected = staging.read(REJECTED, key)
-        rejected_by_reason.update(_reason_counts(rejected))
+    contents: dict[str, str | None] = {}
+    for key in context.partition_keys:
         validated = staging.metadata(VALID, key).get(CONTENT_KEY)
         content = loaded_from(validated) if validated else None
         result = None
         if content is not None and not full_sync(context):
-            result = store.unchanged(
-                integration=integration.name,
-                master_database=integration.master_database,
-                partition_key=key,
-                content=content,
-            )
-            unchanged += result is not None
+            result = store.unchanged(**names, partition_key=key, content=content)
         if result is None:
-            result = store.load_partition(
-                integration=integration.name,
-                master_database=integration.master_database,
-                partition_key=key,
-                valid=staging.batches(VALID, key),
-                rejected=rejected,
-                content=content,
-            )
-        for name, value in result.as_metadata().items():
-            if isinstance(value, int) and not isinstance(value, bool):
-                totals[name] += value
+            contents[key] = content
+        else:
+            rejected_by_reason.update(_reason_counts(staging.read(REJECTED, key)))
+            results.append(result)
+    unchanged = len(results)
+    inserted, refresh_at = 0, REFRESH_STATISTICS_ROWS
+    for group in _load_groups(staging, list(contents)):
+        if inserted >= refresh_at:  # the tables have doubled since the planner last looked
+            store.refresh_statistics()
+            refresh_at = 2 * inserted
+        partitions = []
+        for key in group:
+            rejected = staging.read(REJECTED, key)
+            rejected_by_reason.update(_reason_counts(rejected))
+            valid = staging.batches(VALID, key)
+            partitions.append(PartitionRows(key, valid, rejected, contents[key]))
+        result = store.load_partitions(**names, partitions=partitions)
         inserted += result.sources_inserted
-        last = result
-    assert last is not None  # a run always has at least one partition
+        results.append(result)
     if unchanged:
         context.log.info(
-            f"{unchanged} of {len(keys)} partitions already loaded with the "
+            f"{unchanged} of {len(context.partition_keys)} partitions already loaded with the "
             f"same content into master database '{integration.master_database}': not merged again"
         )
+    totals = LoadResult.combined(results)  # a run always has at least one partition
     info = store.master_database_info(integration.master_database)
-    updated_at = info[1] if info else last.master_database_updated_at
+    updated_at = info[1] if info else totals.master_database_updated_at
+    counts = {
+        name: value
+        for name, value in totals.as_metadata().items()
+        if isinstance(value, int) and not isinstance(value, bool)
+    }
     return dg.MaterializeResult(
         metadata={
-            **{name: int(value) for name, value in totals.items()},
+            **counts,
             "partitions_unchanged": unchanged,
             "rejected_by_reason": dict(rejected_by_reason.most_common()),
             "master_database": integration.master_database,
             "master_database_updated_at": dg.MetadataValue.timestamp(updated_at),
         }
     )
+
+
+def _load_groups(staging: PartitionStaging, keys: list[str]) -> Iterator[list[str]]:
+    """Consecutive partitions to merge in one transaction: at most ``LOAD_GROUP_ROWS`` valid
+    rows together (a larger partition alone), and no client in two of them (its versions in
+    between would matter: merging them one by one is what the store does then anyway)."""
+    group: list[str] = []
+    ids: set[str] = set()
+    rows = 0
+    for key in keys:
+        count = staging.rows(VALID, key)
+        if group and rows + count > LOAD_GROUP_ROWS:
+            yield group
+            group, ids, rows = [], set(), 0
+        part_ids = None
+        if count < LOAD_GROUP_ROWS and len(keys) > 1:
+            column = staging.read(VALID, key, columns=["hermes_id"]).column("hermes_id")
+            part_ids = column.to_pylist()
+            if not ids.isdisjoint(part_ids):
+                yield group
+                group, ids, rows = [], set(), 0
+            ids.update(part_ids)
+        group.append(key)
+        rows += count
+    if group:
+        yield group
 
 
 def _reason_counts(rejected: pa.Table) -> dict[str, int]:

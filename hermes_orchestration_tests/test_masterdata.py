@@ -12,7 +12,7 @@ import random
 import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from hermes_orchestration.masterdata import (
     MasterDataError,
     MasterDataStore,
     PartitionInputError,
+    PartitionRows,
     default_masterdata_url,
 )
 from hermes_orchestration.masterdata_schema import CONTACT_FIELDS
@@ -190,8 +191,8 @@ def empty_postgres_store(url: str) -> MasterDataStore:
     with store.engine.begin() as conn:
         conn.execute(
             sa.text(
-                "TRUNCATE master_databases, master_contacts, contact_sources, rejected_clients "
-                "RESTART IDENTITY"
+                "TRUNCATE master_databases, master_contacts, contact_sources, rejected_clients, "
+                "partition_loads RESTART IDENTITY"
             )
         )
     return store
@@ -849,6 +850,238 @@ def test_on_postgresql_too_the_live_contacts_do_not_depend_on_the_order_of_loads
         results.append(live_contacts(store))
         store.dispose()
     assert results[0] == results[1]
+
+
+# --- Partitions loaded together --------------------------------------------------------------
+
+# Columns that record when and in which order rows were written, not what they hold.
+LOAD_TIME_COLUMNS = {"id", "loaded_at", "rejected_at"}
+
+
+def stored_content(store: MasterDataStore) -> dict[str, list[tuple]]:
+    """Everything the master tables hold but load times and row ids; a source names its
+    contact by email (ids depend on the order rows were inserted in)."""
+    contact_emails = {row["id"]: row["email"] for row in rows(store, ms.master_contacts)}
+    content = {}
+    for table in ms.METADATA.sorted_tables:
+        if table.name == "master_databases":  # when each was created and last loaded
+            continue
+        values = []
+        for row in rows(store, table):
+            if "contact_id" in row:
+                row["contact_id"] = contact_emails.get(row["contact_id"])
+            values.append(tuple(v for k, v in sorted(row.items()) if k not in LOAD_TIME_COLUMNS))
+        content[table.name] = sorted(values, key=repr)
+    return content
+
+
+def partition_rows(key: str, versions: Sequence[Version]) -> PartitionRows:
+    clients = [version.as_client() for version in versions]
+    ids = [version.hermes_id for version in versions if version.deleted]
+    return PartitionRows(key, clean_table(clients), rejected_table(*ids), content=f"digest-{key}")
+
+
+def load_together(
+    store: MasterDataStore, integration: str, group: Sequence[PartitionRows]
+) -> LoadResult:
+    return store.load_partitions(
+        integration=integration, master_database=MASTER_DB, partitions=group
+    )
+
+
+def windows_of(versions: Sequence[Version], integration: str) -> list[tuple[str, list[Version]]]:
+    """An integration's partitions in time order (a window of three hours each)."""
+    by_partition = partitions(versions)
+    keys = sorted(
+        (key for name, key in by_partition if name == integration),
+        key=lambda key: int(key.removeprefix("window-")),
+    )
+    return [(key, by_partition[(integration, key)]) for key in keys]
+
+
+def load_both_ways(
+    url_one_by_one: str, url_together: str, versions: Sequence[Version], group_sizes: list[int]
+) -> tuple[MasterDataStore, MasterDataStore]:
+    """Load the ``web`` integration's partitions one by one into one store, and in consecutive
+    groups of ``group_sizes`` into the other, after the other integrations' partitions (also
+    loaded one by one), so that the groups meet contacts and sources already stored."""
+    stores = []
+    for url, grouped in ((url_one_by_one, False), (url_together, True)):
+        store = MasterDataStore(url)
+        store.ensure_schema()
+        for integration in ("norte", "sur"):
+            for key, group in windows_of(versions, integration):
+                load_together(store, integration, [partition_rows(key, group)])
+        pending = [partition_rows(key, group) for key, group in windows_of(versions, "web")]
+        sizes = iter(group_sizes) if grouped else iter(())
+        while pending:
+            size = max(1, next(sizes, 1))
+            load_together(store, "web", pending[:size])
+            pending = pending[size:]
+        stores.append(store)
+    return stores[0], stores[1]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    versions=histories(),
+    group_sizes=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+)
+def test_partitions_loaded_together_leave_what_loading_them_one_by_one_leaves(
+    versions: list[Version], group_sizes: list[int]
+) -> None:
+    versions = [*versions, *(replace(v, integration="web") for v in versions)]
+    with tempfile.TemporaryDirectory() as folder:
+        one_by_one, together = load_both_ways(
+            default_masterdata_url(Path(folder) / "one"),
+            default_masterdata_url(Path(folder) / "together"),
+            versions,
+            group_sizes,
+        )
+        assert stored_content(together) == stored_content(one_by_one)
+        one_by_one.dispose()
+        together.dispose()
+
+
+@st.composite
+def later_changes(draw: st.DrawFn) -> list[Version]:
+    """Clients stored by a first partition, then each changed at most once in later ones:
+    groups that merge in one transaction, some of whose contacts lose their sources over
+    several partitions."""
+    versions = []
+    for hermes_id in ("1", "2", "3", "4", "5"):
+        email = draw(st.sampled_from(EMAILS[:2]))
+        first = Version("web", hermes_id, 0, email, False, tuple(draw(version_fields).items()))
+        versions.append(first)
+        if draw(st.booleans()):
+            deleted = draw(st.booleans())
+            email = None if deleted else draw(st.sampled_from(EMAILS))
+            hours = draw(st.integers(3, 14))
+            fields = tuple(draw(version_fields).items())
+            versions.append(Version("web", hermes_id, hours, email, deleted, fields))
+    return versions
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(versions=later_changes(), group_sizes=st.lists(st.integers(2, 4), min_size=1, max_size=3))
+def test_later_partitions_loaded_together_leave_what_loading_them_one_by_one_leaves(
+    versions: list[Version], group_sizes: list[int]
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        one_by_one, together = load_both_ways(
+            default_masterdata_url(Path(folder) / "one"),
+            default_masterdata_url(Path(folder) / "together"),
+            versions,
+            [1, *group_sizes],  # the first partition alone: what the groups find stored
+        )
+        assert stored_content(together) == stored_content(one_by_one)
+        one_by_one.dispose()
+        together.dispose()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_too_partitions_loaded_together_leave_what_one_by_one_leaves(
+    postgres_masterdata_url: str,
+) -> None:
+    versions = fixed_histories(seed=11, clients_per_integration=40)
+    engine = sa.create_engine(postgres_masterdata_url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("DROP SCHEMA IF EXISTS together CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA together"))
+    engine.dispose()
+    drop_tables(postgres_masterdata_url)
+    # The same database, the second store in a schema of its own (search_path).
+    together_url = sa.make_url(postgres_masterdata_url).update_query_dict(
+        {"options": "-csearch_path=together"}
+    )
+    one_by_one, together = load_both_ways(
+        postgres_masterdata_url,
+        together_url.render_as_string(hide_password=False),
+        versions,
+        group_sizes=[3, 4, 2],
+    )
+    try:
+        assert stored_content(together) == stored_content(one_by_one)
+    finally:
+        one_by_one.dispose()
+        together.dispose()
+        engine = sa.create_engine(postgres_masterdata_url)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sa.text("DROP SCHEMA together CASCADE"))
+        engine.dispose()
+
+
+def test_a_contact_that_loses_its_sources_over_two_partitions_keeps_its_last_live_content(
+    store: MasterDataStore,
+) -> None:
+    load(
+        store,
+        "tienda_norte",
+        "p1",
+        client("1", "ana@example.cl", 1, first_name="Bea"),
+        client("2", "ana@example.cl", 2, first_name="Ana", city="Talca"),
+    )
+    # Merged one by one, p2 leaves the contact with source 1 alone (first name Bea, no city),
+    # and p3 deletes it as it is then.
+    result = load_together(
+        store,
+        "tienda_norte",
+        [
+            PartitionRows(
+                "p2", clean_table([client("2", None, 3, deleted=True)]), rejected_table()
+            ),
+            PartitionRows(
+                "p3", clean_table([client("1", None, 4, deleted=True)]), rejected_table()
+            ),
+        ],
+    )
+    ana = contacts(store)["ana@example.cl"]
+    assert (ana["first_name"], ana["city"], ana["deleted_at"]) == ("Bea", None, at(4))
+    assert result.partition_keys == ("p2", "p3")
+    assert (result.sources_updated, result.contacts_deleted) == (2, 1)
+
+
+def test_a_client_in_two_partitions_loaded_together_goes_through_both_versions(
+    store: MasterDataStore,
+) -> None:
+    # Merged one by one, version 1 creates the contact bea@ and version 2 moves the client
+    # away and deletes it: the contact stays, soft-deleted.
+    load_together(
+        store,
+        "tienda_norte",
+        [
+            PartitionRows("p1", clean_table([client("1", "bea@example.cl", 1)]), rejected_table()),
+            PartitionRows("p2", clean_table([client("1", "ana@example.cl", 2)]), rejected_table()),
+        ],
+    )
+    assert contacts(store)["bea@example.cl"]["deleted_at"] == at(2)
+    assert contacts(store)["ana@example.cl"]["deleted_at"] is None
+
+
+def test_a_failed_load_of_partitions_together_writes_nothing(store: MasterDataStore) -> None:
+    load(store, "tienda_norte", "p1", client("1", "ana@example.cl", 1, first_name="Ana"))
+    before = snapshot(store)
+    group = [
+        PartitionRows("p2", clean_table([client("2", "bea@example.cl", 2)]), rejected_table("x")),
+        PartitionRows("p3", clean_table([client("3", "cata@example.cl", 3)]), rejected_table()),
+    ]
+    hook = fail_when("INSERT INTO contact_sources")
+    sa.event.listen(store.engine, "before_cursor_execute", hook)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            load_together(store, "tienda_norte", group)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", hook)
+    assert snapshot(store) == before
+
+
+def test_partitions_listed_twice_in_one_load_are_refused(store: MasterDataStore) -> None:
+    part = PartitionRows("p1", clean_table([client("1", "ana@example.cl", 1)]), rejected_table())
+    with pytest.raises(PartitionInputError, match="partitions listed twice in one load"):
+        load_together(store, "tienda_norte", [part, part])
+    with pytest.raises(PartitionInputError, match="no partition to load"):
+        load_together(store, "tienda_norte", [])
+    assert stored_content(store) == {table: [] for table in stored_content(store)}
 
 
 # --- Concurrency -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from hermes_orchestration import sync
 from hermes_orchestration.fingerprints import CONTENT_KEY, ContentDigest
 from hermes_orchestration.records import records_to_batch
 from hermes_orchestration.staging import ROW_GROUP_ROWS, MissingStagedDataError, PartitionStaging
@@ -172,3 +173,28 @@ def test_a_range_files_late_rows_under_their_partition_with_the_digest_of_all_it
         digest.update(records_to_batch([client(client_id) for client_id in ids]))
         assert staging.metadata("raw_clients", key) == {CONTENT_KEY: digest.hexdigest()}
     assert staged.counts == [3, 1, 1, 0]
+
+
+def test_a_range_loads_consecutive_partitions_together_until_a_client_repeats_or_rows_run_out(
+    staging, monkeypatch
+) -> None:
+    monkeypatch.setattr(sync, "LOAD_GROUP_ROWS", 6)
+    ids = {
+        "2026-11-01": ["1", "2"],
+        "2026-11-02": ["3"],
+        "2026-11-03": ["2", "4"],  # client 2 again: its first version must be merged first
+        "2026-11-04": ["5", "6", "7", "8", "9"],  # 2 + 5 rows: more than 6 together
+        "2026-11-05": [str(n) for n in range(10, 17)],  # 7 rows: alone
+        "2026-11-06": ["1"],
+    }
+    with staging.transaction() as writes:
+        for key, hermes_ids in ids.items():
+            writes.write("validated_clients", key, pa.table({"hermes_id": hermes_ids}))
+    groups = list(sync._load_groups(staging, list(ids)))
+    assert groups == [
+        ["2026-11-01", "2026-11-02"],
+        ["2026-11-03"],
+        ["2026-11-04"],
+        ["2026-11-05"],
+        ["2026-11-06"],
+    ]
