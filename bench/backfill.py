@@ -48,6 +48,7 @@ def measure(
     timeout: float,
     sql_timing: bool = False,
     profile: str | None = None,
+    dagster_storage: str = "sqlite",
 ) -> dict[str, Any]:
     """Sync partitions ``first``..``last`` as one run from a simulator whose data spans them."""
     # The data keeps an hour clear of both ends of the range.
@@ -58,6 +59,7 @@ def measure(
         tempfile.TemporaryDirectory(prefix="hermes_bench_") as tmp,
         c.simulator(clients=clients, start=data_start, end=data_end, seed=seed) as sim,
         c.postgres_database("hermes_bench_backfill") as database,
+        c.postgres_database("hermes_bench_dagster") as dagster_database,
     ):
         root = Path(tmp)
         raw_stacks = c.RESULTS / f"{NAME}_{clients}_{label.replace(' ', '_')}.txt"
@@ -66,7 +68,10 @@ def measure(
             c.RESULTS.mkdir(parents=True, exist_ok=True)
             prefix = [profile, "record", "--idle", "--nolineno", "-r", str(profiling.RATE)]
             prefix += ["-f", "raw", "-o", str(raw_stacks), "--"]
-        home = c.write_dagster_yaml(root / "dagster_home")
+        home = c.write_dagster_yaml(
+            root / "dagster_home",
+            postgres_database=dagster_database if dagster_storage == "postgres" else None,
+        )
         yaml = c.write_integrations(
             root / "integrations.yaml",
             [c.integration_entry(INTEGRATION, site_url=sim.url, start=first.isoformat())],
@@ -85,7 +90,7 @@ def measure(
             env=env,
             dagster_home=home,
             scratch=root / "out",
-            databases=[database],
+            databases=[database, dagster_database],
             timeout=timeout,
             what=f"the {label} sync",
             sql_timing=sql_timing,
@@ -95,6 +100,7 @@ def measure(
     partitions = (last - first).days + 1
     result = {
         "label": label,
+        "dagster_storage": dagster_storage,
         "partitions": partitions,
         "first_partition": first.isoformat(),
         "last_partition": last.isoformat(),
@@ -136,6 +142,12 @@ def main() -> int:
         "--sql-timing", action="store_true", help="also list the slowest PostgreSQL statements"
     )
     parser.add_argument(
+        "--dagster-storage",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="Dagster's own storage (runs, event logs): the embedded default or PostgreSQL",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="run each sync under py-spy (not a dependency: .venv/bin/pip install py-spy)",
@@ -147,7 +159,8 @@ def main() -> int:
         if not py_spy:
             parser.error("py-spy is not installed: .venv/bin/pip install py-spy")
     info = c.machine()
-    c.print_header("backfill: a year of partitions in one run vs one partition", info)
+    title = "backfill: a year of partitions in one run vs one partition"
+    c.print_header(f"{title} (Dagster storage: {args.dagster_storage})", info)
     started = time.perf_counter()
     first = LAST_DAY - timedelta(days=args.days - 1)
     backfill = measure(
@@ -159,6 +172,7 @@ def main() -> int:
         args.timeout,
         args.sql_timing,
         py_spy,
+        args.dagster_storage,
     )
     one_day = LAST_DAY + timedelta(days=1)
     single = measure(
@@ -170,6 +184,7 @@ def main() -> int:
         args.timeout,
         args.sql_timing,
         py_spy,
+        args.dagster_storage,
     )
     ratio = backfill["run_rows_per_second"] / single["run_rows_per_second"]
     print(

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_postgres.event_log import PostgresEventLogStorage
+
+from hermes_orchestration.assets import MASTER_DATA, asset_key
+from hermes_orchestration.launch import sync_now
+from hermes_orchestration_tests.conftest import SIM_PARTITIONS
+from hermes_orchestration_tests.operations_support import definitions, write_integrations
 
 DATA_PATH = ["pyarrow", "pandas", "psycopg", "httpx", "email_validator"]
 
@@ -55,3 +65,38 @@ def test_the_console_script_says_everything_and_keeps_its_exit_status(
     )
     assert check.returncode == 1
     assert "Tienda Mala" in check.stdout + check.stderr
+
+
+def test_a_range_run_on_postgresql_stores_each_steps_materializations_in_one_batch(
+    tmp_path, monkeypatch, simulator, state_dir, postgres_url
+) -> None:
+    # One event write per partition and asset costs about 10 ms: 11 s for a year of partitions.
+    config = write_integrations(tmp_path, monkeypatch, simulator, {"tienda_norte": ""})
+    integration = config.get("tienda_norte")
+    batches: list[list[str]] = []
+    store_event_batch = PostgresEventLogStorage.store_event_batch
+
+    def recording(storage: PostgresEventLogStorage, events: Sequence[Any]) -> None:
+        batches.append([event.dagster_event.event_type_value for event in events])
+        store_event_batch(storage, events)
+
+    monkeypatch.setattr(PostgresEventLogStorage, "store_event_batch", recording)
+    storage = {
+        "storage": {"postgres": {"postgres_url": postgres_url.replace("+psycopg:", "+psycopg2:")}}
+    }
+    with dg.instance_for_test(overrides=storage) as instance:
+        result = sync_now(
+            definitions(config),
+            integration,
+            instance,
+            first=SIM_PARTITIONS[0],
+            last=SIM_PARTITIONS[-1],
+        )
+        assert result.success
+        stored = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=asset_key(integration, MASTER_DATA)),
+            limit=100,
+        ).records
+    materializations = [batch for batch in batches if "ASSET_MATERIALIZATION" in batch]
+    assert [len(batch) for batch in materializations] == [len(SIM_PARTITIONS)] * 3
+    assert sorted(record.partition_key for record in stored) == sorted(SIM_PARTITIONS)
