@@ -990,12 +990,11 @@ class _Merge:
         """Raise ``_NotTogether`` if a contact loses its last live sources over several of the
         partitions: merged one by one, the partitions before the last would have merged its
         content again from the sources it still had."""
-        changed, orphans = ms.changed, _orphaned_keys()
+        orphans, leavers = _orphaned_keys(), _leavers()
         spread = (
-            sa.select(orphans.c.master_database, orphans.c.email)
-            .join_from(orphans, changed, _left_by(changed, orphans))
-            .group_by(orphans.c.master_database, orphans.c.email)
-            .having(sa.func.count(changed.c.part.distinct()) > 1)
+            sa.select(orphans.c.email)
+            .join_from(orphans, leavers, _same_key(leavers, orphans))
+            .where(leavers.c.parts > 1)
             .limit(1)
         )
         if self.conn.scalar(spread) is not None:
@@ -1003,9 +1002,7 @@ class _Merge:
 
     def _write_contacts(self, affected: int) -> _ContactCounts:
         """Insert new contacts, update changed or revived ones, soft-delete orphaned ones."""
-        conn, contacts, before, after, changed = (
-            self.conn, ms.master_contacts, ms.before, ms.after, ms.changed,
-        )  # fmt: skip
+        conn, contacts, before, after = self.conn, ms.master_contacts, ms.before, ms.after
         now = sa.literal(self.now, UtcDateTime())
         content = [*CONTACT_FIELDS, "updated_at"]
 
@@ -1040,18 +1037,11 @@ class _Merge:
 
         # A live contact left without live sources: every one of them changed in this load
         # (deleted or moved to another email), so its deletion time is theirs.
-        orphans = _orphaned_keys()
+        orphans, leavers = _orphaned_keys(), _leavers()
         orphaned = (
-            sa.select(
-                before.c.id,
-                sa.func.max(sa.func.coalesce(changed.c.deleted_at, changed.c.updated_at)).label(
-                    "deleted_at"
-                ),
-                sa.func.max(changed.c.updated_at).label("updated_at"),
-            )
+            sa.select(before.c.id, leavers.c.deleted_at, leavers.c.updated_at)
             .join_from(before, orphans, _same_key(orphans, before))
-            .join(changed, _left_by(changed, before))
-            .group_by(before.c.id)
+            .join(leavers, _same_key(leavers, before))
             .subquery()
         )
         deleted = conn.execute(
@@ -1183,12 +1173,27 @@ def _orphaned_keys() -> sa.Subquery:
     return sa.except_(live, kept).subquery("orphaned_keys")
 
 
-def _left_by(changed: sa.Table, contacts: sa.Table | sa.Subquery) -> sa.ColumnElement[bool]:
-    """The changed sources that fed one of ``contacts`` before the load."""
-    return sa.and_(
-        changed.c.old_live,
-        changed.c.old_master_database == contacts.c.master_database,
-        changed.c.old_email == contacts.c.email,
+def _leavers() -> sa.Subquery:
+    """For each contact that changed sources fed before the load: when the last of them left
+    (``deleted_at``: deleted or moved to another email), their latest ``updated_at``, and over
+    how many of the staged partitions they left (``parts``).
+
+    Aggregated before it is joined, so that the joins that follow are of a row per contact.
+    """
+    changed = ms.changed
+    return (
+        sa.select(
+            changed.c.old_master_database.label("master_database"),
+            changed.c.old_email.label("email"),
+            sa.func.max(sa.func.coalesce(changed.c.deleted_at, changed.c.updated_at)).label(
+                "deleted_at"
+            ),
+            sa.func.max(changed.c.updated_at).label("updated_at"),
+            sa.func.count(changed.c.part.distinct()).label("parts"),
+        )
+        .where(changed.c.old_live)
+        .group_by(changed.c.old_master_database, changed.c.old_email)
+        .subquery("leavers")
     )
 
 

@@ -186,6 +186,7 @@ stage = _temp_table(
     *_field_columns(),
     *_version_columns(),
     index=("hermes_id",),
+    filters=("part",),
 )
 
 # The staged rows newer than the stored version of their source, with that stored version's key.
