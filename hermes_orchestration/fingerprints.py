@@ -74,15 +74,16 @@ def combine(*parts: str) -> str:
 
 
 @cache
-def _code(files: tuple[str, ...]) -> str:
+def code_digest(files: tuple[str, ...]) -> str:
+    """A digest of the package files ``files``: what a result made by their code depends on."""
     return combine(*(hashlib.sha256((_PACKAGE / name).read_bytes()).hexdigest() for name in files))
 
 
 def validated_from(raw_content: str, *, default_country: str, today: date) -> str:
     """What a validation result depends on: the raw content, the rules and their settings."""
-    return combine(raw_content, _code(_VALIDATION_CODE), default_country, today.isoformat())
+    return combine(raw_content, code_digest(_VALIDATION_CODE), default_country, today.isoformat())
 
 
 def loaded_from(validated_content: str) -> str:
     """What a load depends on besides the stored data: the validated content, the merge code."""
-    return combine(validated_content, _code(_LOAD_CODE))
+    return combine(validated_content, code_digest(_LOAD_CODE))

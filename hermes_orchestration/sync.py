@@ -21,6 +21,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hermes_orchestration import listings
 from hermes_orchestration.config import Integration
 from hermes_orchestration.fingerprints import (
     CONTENT_KEY,
@@ -104,6 +105,8 @@ def fetch_raw_clients(
     span = f"[{since.isoformat()}, {until.isoformat()})"
     starts = [window.start.timestamp() for window in windows[1:]]
     staging = context.resources.staging.for_integration(integration)
+    # A full sync stages every page again; others only the pages that changed.
+    previous = None if full_sync(context) else listings.previous_listing(staging, keys, span)
 
     for attempt in range(1, MAX_WINDOW_RESTARTS + 1):
         progress = _Progress(context.log, span)
@@ -112,16 +115,9 @@ def fetch_raw_clients(
                 context.resources.hermes_api.client(integration, logger=context.log) as client,
                 staging.transaction() as writes,
             ):
-                staged = _RawPartitions(writes, keys)
-                current = 0
+                staged = _RawPartitions(writes, staging, keys, starts, previous)
                 for page in client.iter_pages(since, until):
-                    if starts:
-                        buckets, current = _by_partition(page.records, starts, current)
-                    else:  # one partition: every row is its own
-                        buckets = [(0, page.records)]
-                    for index, records in buckets:
-                        staged.add(index, records)
-                    staged.complete_before(current)
+                    staged.page(page.records)
                     progress.page(page)
                 staged.complete()
             break
@@ -138,10 +134,20 @@ def fetch_raw_clients(
             _tag_failure(context, err)
             raise _failure(integration, err) from err
     progress.done()
+    if staged.pages_as_before:
+        context.log.info(
+            f"{staged.pages_as_before} of {progress.pages} pages as in the last fetch of this "
+            "window: their rows, already staged, were not staged again"
+        )
+    try:
+        listings.record_listing(staging, keys, span, staged.pages, staged.contents())
+    except OSError as err:  # only a shortcut for the next fetch is lost
+        context.log.warning(f"could not record the listing of window {span}: {err}")
     return dg.MaterializeResult(
         metadata={
             "rows_fetched": sum(staged.counts),
             "pages": progress.pages,
+            "pages_as_before": staged.pages_as_before,
             "window_start": since.isoformat(),
             "window_end": until.isoformat(),
             "partitions": len(keys),
@@ -152,41 +158,118 @@ def fetch_raw_clients(
 class _RawPartitions:
     """The raw files of a run's partitions while the listing is read: each row is filed under
     its partition, and each file is finished, with the digest of its content, once the listing
-    has moved past its partition. So a range run holds one open file, not one per partition."""
+    has moved past its partition. So a range run holds one open file, not one per partition.
 
-    def __init__(self, writes: StagedWrites, keys: list[str]) -> None:
+    Pages equal to the first ones of the ``previous`` listing of the window are only counted:
+    their rows are the first ones of the staged files. A partition that gets other rows starts
+    its new file with those it keeps; one that gets none keeps its staged file as it is.
+    """
+
+    def __init__(
+        self,
+        writes: StagedWrites,
+        staging: PartitionStaging,
+        keys: list[str],
+        starts: list[float],
+        previous: listings.Listing | None,
+    ) -> None:
         self._writes = writes
+        self._staging = staging
         self._keys = keys
+        self._starts = starts  # the start instants of the partitions but the first
+        self._previous = previous
+        self._previous_contents = previous.contents if previous else {}
         self.counts = [0] * len(keys)
+        self.pages: list[listings.PageEntry] = []
+        self.pages_as_before = 0
         self._digests = [ContentDigest() for _ in keys]
+        self._kept: dict[int, int] = {}  # rows of a staged file listed again, not copied yet
+        self._standing: set[int] = set()  # finished by keeping the staged file as it is
         self._open: set[int] = set()
+        self._current = 0  # the partition of the latest row
         self._done = 0  # the partitions before this one are finished
 
-    def add(self, index: int, records: list[Any]) -> None:
-        batch = records_to_batch(records)
-        self._writes.write(RAW, self._keys[index], batch)
-        self._digests[index].update(batch)
-        self.counts[index] += len(records)
-        self._open.add(index)
-
-    def complete_before(self, index: int) -> None:
-        """The listing is ordered by updated_at: the partitions before ``index`` are complete.
-        (A row listed out of order later opens its partition's file again.)"""
-        for earlier in range(self._done, index):
-            self._finish(earlier)
-        self._done = max(self._done, index)
+    def page(self, records: list[Any]) -> None:
+        """File a page's rows, or count them if the page is the previous listing's next one."""
+        digest = listings.page_digest(records)
+        if self._previous is not None:
+            pages = self._previous.pages
+            if self.pages_as_before < len(pages):
+                entry = pages[self.pages_as_before]
+                if entry.digest == digest and entry.count == len(records):
+                    self.pages_as_before += 1
+                    self.pages.append(entry)
+                    for index, rows in entry.rows:
+                        self.counts[index] += rows
+                        self._kept[index] = self._kept.get(index, 0) + rows
+                        self._current = index
+                    self._complete_before(self._current)
+                    return
+            self._previous = None  # the listing differs from here on
+        if self._starts:
+            buckets, self._current = _by_partition(records, self._starts, self._current)
+        else:  # one partition: every row is its own
+            buckets = [(0, records)]
+        for index, rows in buckets:
+            self._add(index, records_to_batch(rows))
+            self.counts[index] += len(rows)
+        self.pages.append(listings.PageEntry(digest, tuple((i, len(r)) for i, r in buckets)))
+        self._complete_before(self._current)
 
     def complete(self) -> None:
         """The listing has ended: finish every partition not finished yet."""
         for index in sorted(self._open | set(range(self._done, len(self._keys)))):
             self._finish(index)
 
+    def contents(self) -> dict[str, str]:
+        """The content digest of each partition's staged file, once complete."""
+        return {
+            key: (
+                self._previous_contents[key]
+                if index in self._standing
+                else self._digests[index].hexdigest()
+            )
+            for index, key in enumerate(self._keys)
+        }
+
+    def _add(self, index: int, batch: pa.RecordBatch) -> None:
+        if index in self._kept:
+            self._copy_kept(index)
+        self._writes.write(RAW, self._keys[index], batch)
+        self._digests[index].update(batch)
+        self._open.add(index)
+
+    def _complete_before(self, index: int) -> None:
+        """The listing is ordered by updated_at: the partitions before ``index`` are complete.
+        (A row listed out of order later opens its partition's file again.)"""
+        for earlier in range(self._done, index):
+            self._finish(earlier)
+        self._done = max(self._done, index)
+
     def _finish(self, index: int) -> None:
         key = self._keys[index]
+        if index in self._kept and index not in self._open:
+            if self._kept[index] == self._staging.rows(RAW, key):
+                self._standing.add(index)  # listed again whole: the staged file stands
+                return
+            self._copy_kept(index)
         if self.counts[index] == 0:
             self._writes.write(RAW, key, RAW_SCHEMA.empty_table())
         self._writes.finish(RAW, key, {CONTENT_KEY: self._digests[index].hexdigest()})
         self._open.discard(index)
+
+    def _copy_kept(self, index: int) -> None:
+        """Start a partition's new file with the rows of its staged file listed again."""
+        key, wanted = self._keys[index], self._kept.pop(index)
+        self._standing.discard(index)
+        for batch in self._staging.batches(RAW, key):
+            if wanted <= 0:
+                break
+            batch = batch.slice(0, wanted)
+            self._writes.write(RAW, key, batch)
+            self._digests[index].update(batch)
+            wanted -= batch.num_rows
+        self._open.add(index)
 
 
 def _by_partition(

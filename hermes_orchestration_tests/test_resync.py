@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hermes_orchestration.assets import MASTER_DATA, VALIDATED_CLIENTS, asset_key
+from hermes_orchestration.assets import MASTER_DATA, RAW_CLIENTS, VALIDATED_CLIENTS, asset_key
 from hermes_orchestration.cli import main
 from hermes_orchestration.code_location import build_definitions
 from hermes_orchestration.config import load_integrations
@@ -73,8 +73,8 @@ def master_data(url: str) -> dict[str, list[tuple]]:
     return rows
 
 
-def valid_file(state_dir: Path, name: str) -> Path:
-    return PartitionStaging(state_dir / "staging", name).path(VALID, PARTITION)
+def valid_file(state_dir: Path, name: str, stage: str = VALID) -> Path:
+    return PartitionStaging(state_dir / "staging", name).path(stage, PARTITION)
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
@@ -93,8 +93,15 @@ def test_an_unchanged_resync_neither_validates_nor_merges_again_and_reports_the_
         assert validated["partitions_unchanged"] == loaded["partitions_unchanged"] == 0
         stored = snapshot(url)
         staged = valid_file(state_dir, name).stat().st_mtime_ns
+        raw = valid_file(state_dir, name, RAW).stat().st_mtime_ns
 
-        again_validated, again_loaded = steps(run(instance), name)
+        again = run(instance)
+        again_validated, again_loaded = steps(again, name)
+        fetched = metadata_of(again, asset_key_for(name, RAW_CLIENTS))
+
+    # The fetch listed every page again, all as before: it staged none of them again.
+    assert fetched["pages_as_before"] == fetched["pages"] > 0
+    assert valid_file(state_dir, name, RAW).stat().st_mtime_ns == raw
 
     assert again_validated["partitions_unchanged"] == 1
     assert again_loaded["partitions_unchanged"] == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -148,29 +148,27 @@ def test_a_range_files_late_rows_under_their_partition_with_the_digest_of_all_it
 ) -> None:
     # Partitions are finished as the listing moves past them; a row listed out of order still
     # lands in its own partition, whose digest then covers it.
-    def client(client_id: str) -> dict[str, str]:
-        return {"id": client_id, "updated_at": "2026-11-02T10:00:00Z", "email": "a@b.cl"}
+    def client(client_id: str, day: int) -> dict[str, str]:
+        return {"id": client_id, "updated_at": f"2026-11-0{day}T10:00:00Z", "email": "a@b.cl"}
 
     keys = ["2026-11-02", "2026-11-03", "2026-11-04", "2026-11-05"]
+    starts = [datetime(2026, 11, day, tzinfo=UTC).timestamp() for day in (3, 4, 5)]
     with staging.transaction() as writes:
-        staged = _RawPartitions(writes, keys)
-        staged.add(0, [client("1"), client("2")])
-        staged.add(1, [client("3")])
-        staged.complete_before(2)
-        staged.add(0, [client("late")])
-        staged.add(2, [client("4")])
+        staged = _RawPartitions(writes, staging, keys, starts, previous=None)
+        staged.page([client("1", 2), client("2", 2), client("3", 3)])
+        staged.page([client("late", 2), client("4", 4)])
         staged.complete()
 
     expected = {
-        "2026-11-02": ["1", "2", "late"],
-        "2026-11-03": ["3"],
-        "2026-11-04": ["4"],
+        "2026-11-02": [("1", 2), ("2", 2), ("late", 2)],
+        "2026-11-03": [("3", 3)],
+        "2026-11-04": [("4", 4)],
         "2026-11-05": [],
     }
-    for key, ids in expected.items():
-        assert staging.read("raw_clients", key).column("id").to_pylist() == ids
+    for key, rows in expected.items():
+        assert staging.read("raw_clients", key).column("id").to_pylist() == [i for i, _ in rows]
         digest = ContentDigest()
-        digest.update(records_to_batch([client(client_id) for client_id in ids]))
+        digest.update(records_to_batch([client(*row) for row in rows]))
         assert staging.metadata("raw_clients", key) == {CONTENT_KEY: digest.hexdigest()}
     assert staged.counts == [3, 1, 1, 0]
 

@@ -1,0 +1,127 @@
+"""A fetch stages again only the pages that changed since the last fetch of the same window.
+
+Whatever it reuses, the staged files end exactly as if every page had been staged: the same
+rows in the same order, with the same content digest.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from hermes_orchestration import listings
+from hermes_orchestration.fingerprints import CONTENT_KEY
+from hermes_orchestration.staging import RAW, PartitionStaging
+from hermes_orchestration.sync import _RawPartitions
+
+KEYS = ["2026-11-02", "2026-11-03", "2026-11-04"]
+STARTS = [datetime(2026, 11, day, tzinfo=UTC).timestamp() for day in (3, 4)]
+WINDOW = "[2026-11-02T00:00:00+00:00, 2026-11-05T00:00:00+00:00)"
+
+
+def client(number: int, day: int, name: str = "Ana") -> dict[str, str]:
+    return {
+        "id": str(number),
+        "first_name": name,
+        "email": f"cliente{number}@ejemplo.cl",
+        "updated_at": f"2026-11-0{day}T{number % 24:02d}:00:00Z",
+    }
+
+
+def listing(*changes: tuple[int, str]) -> list[list[dict[str, str]]]:
+    """Five pages of four clients over three days; ``changes`` rename some clients."""
+    renamed = dict(changes)
+    clients = [client(n, 2 + n * 3 // 20, renamed.get(n, "Ana")) for n in range(20)]
+    return [clients[start : start + 4] for start in range(0, 20, 4)]
+
+
+def stage(staging: PartitionStaging, pages: list[list[dict]], *, reuse: bool = True) -> dict:
+    """Fetch ``pages`` as the fetch step does; what it did and what each partition holds."""
+    previous = listings.previous_listing(staging, KEYS, WINDOW) if reuse else None
+    with staging.transaction() as writes:
+        staged = _RawPartitions(writes, staging, KEYS, STARTS, previous)
+        for page in pages:
+            staged.page(page)
+        staged.complete()
+    listings.record_listing(staging, KEYS, WINDOW, staged.pages, staged.contents())
+    return {
+        "pages_as_before": staged.pages_as_before,
+        "counts": staged.counts,
+        "files": {key: staging.path(RAW, key).stat().st_mtime_ns for key in KEYS},
+        "rows": {key: staging.read(RAW, key).to_pylist() for key in KEYS},
+        "contents": {key: staging.metadata(RAW, key)[CONTENT_KEY] for key in KEYS},
+    }
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> PartitionStaging:
+    return PartitionStaging(tmp_path / "staging", "tienda_test")
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> PartitionStaging:
+    """Another staging folder, where every page is staged as it comes."""
+    return PartitionStaging(tmp_path / "fresh", "tienda_test")
+
+
+def test_an_unchanged_listing_is_counted_and_rewrites_no_file(staging) -> None:
+    first = stage(staging, listing())
+    again = stage(staging, listing())
+    assert again["pages_as_before"] == 5
+    assert again["files"] == first["files"]  # not one file written again
+    assert again["counts"] == first["counts"] == [7, 7, 6]
+    assert again["contents"] == first["contents"]
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [
+        pytest.param(listing((17, "Bea")), id="changed-in-the-last-partition"),
+        pytest.param(listing((5, "Bea")), id="changed-in-the-middle-of-a-partition"),
+        pytest.param(listing((0, "Bea")), id="changed-on-the-first-page"),
+        pytest.param(listing()[:3], id="fewer-pages"),
+        pytest.param([*listing()[:2], listing()[2][:2]], id="a-shorter-last-page"),
+        pytest.param([*listing(), [client(30, 4)]], id="one-more-page"),
+        pytest.param(
+            [*listing()[:4], [client(31, 2), *listing()[4]]], id="a-late-row-for-a-kept-partition"
+        ),
+    ],
+)
+def test_a_changed_listing_stages_exactly_what_staging_every_page_would(
+    staging, fresh, pages
+) -> None:
+    stage(staging, listing())
+    reused = stage(staging, pages)
+    expected = stage(fresh, pages, reuse=False)
+    assert reused["rows"] == expected["rows"]
+    assert reused["contents"] == expected["contents"]
+    assert reused["counts"] == expected["counts"]
+
+
+def test_pages_before_the_first_change_are_not_staged_again(staging) -> None:
+    first = stage(staging, listing())
+    again = stage(staging, listing((17, "Bea")))  # on the fifth page, in the third partition
+    assert again["pages_as_before"] == 4
+    # The first two partitions were listed again whole: their files stand as they were.
+    assert [again["files"][key] == first["files"][key] for key in KEYS] == [True, True, False]
+
+
+def test_the_shortcut_is_not_taken_when_a_staged_file_was_replaced_since(staging) -> None:
+    stage(staging, listing())
+    with staging.transaction() as writes:  # another run stages the second partition anew
+        staged = _RawPartitions(writes, staging, KEYS[1:2], [], previous=None)
+        staged.page([client(99, 3)])
+        staged.complete()
+    assert listings.previous_listing(staging, KEYS, WINDOW) is None
+    assert stage(staging, listing())["pages_as_before"] == 0
+
+
+def test_the_shortcut_is_not_taken_for_another_window_or_a_damaged_record(staging) -> None:
+    stage(staging, listing())
+    assert listings.previous_listing(staging, KEYS, WINDOW.replace("05", "06")) is None
+    path = next(staging.path(RAW, KEYS[0]).parent.glob("*.listing.json"))
+    path.write_text('{"identity": [1, "half-written', encoding="utf-8")
+    assert listings.previous_listing(staging, KEYS, WINDOW) is None
+    assert stage(staging, listing())["rows"] == stage(staging, listing(), reuse=False)["rows"]
