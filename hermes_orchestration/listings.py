@@ -35,7 +35,7 @@ _FLATTENING_CODE = ("records.py", "listings.py")
 class PageEntry:
     """One page of a listing: the digest of its records, and its rows per partition index."""
 
-    digest: str
+    digest: str | None  # None: records too deeply nested to encode, never taken as unchanged
     rows: tuple[tuple[int, int], ...]
 
     @property
@@ -51,9 +51,13 @@ class Listing:
     contents: dict[str, str]  # partition key -> content digest of its staged raw file
 
 
-def page_digest(records: list[Any]) -> str:
-    """A digest of a page's records as decoded (its body holds a cursor that differs each time)."""
-    encoded = orjson.dumps(records, option=orjson.OPT_NON_STR_KEYS)
+def page_digest(records: list[Any]) -> str | None:
+    """A digest of a page's records as decoded (its body holds a cursor that differs each time);
+    None for records nested too deeply to encode again (records.TOO_DEEP)."""
+    try:
+        encoded = orjson.dumps(records, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        return None
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
 
 
@@ -69,7 +73,10 @@ def previous_listing(staging: PartitionStaging, keys: list[str], window: str) ->
     try:
         contents = {key: str(stored["contents"][key]) for key in keys}
         pages = [
-            PageEntry(str(digest), tuple((int(index), int(rows)) for index, rows in counts))
+            PageEntry(
+                None if digest is None else str(digest),
+                tuple((int(index), int(rows)) for index, rows in counts),
+            )
             for digest, counts in stored["pages"]
         ]
     except (KeyError, TypeError, ValueError):

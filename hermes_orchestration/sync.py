@@ -196,7 +196,7 @@ class _RawPartitions:
             pages = self._previous.pages
             if self.pages_as_before < len(pages):
                 entry = pages[self.pages_as_before]
-                if entry.digest == digest and entry.count == len(records):
+                if digest is not None and entry.digest == digest and entry.count == len(records):
                     self.pages_as_before += 1
                     self.pages.append(entry)
                     for index, rows in entry.rows:

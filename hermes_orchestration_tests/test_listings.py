@@ -125,3 +125,15 @@ def test_the_shortcut_is_not_taken_for_another_window_or_a_damaged_record(stagin
     path.write_text('{"identity": [1, "half-written', encoding="utf-8")
     assert listings.previous_listing(staging, KEYS, WINDOW) is None
     assert stage(staging, listing())["rows"] == stage(staging, listing(), reuse=False)["rows"]
+
+
+def test_a_page_too_deeply_nested_to_encode_is_always_staged_again(staging, fresh) -> None:
+    deep: object = "fondo"
+    for _ in range(300):  # more levels than the JSON encoder takes
+        deep = [deep]
+    pages = listing()
+    pages[2] = [{**pages[2][0], "custom_fields": {"capas": deep}}, *pages[2][1:]]
+    stage(staging, pages)
+    again = stage(staging, pages)
+    assert again["pages_as_before"] == 2  # the pages before it
+    assert again["rows"] == stage(fresh, pages, reuse=False)["rows"]
