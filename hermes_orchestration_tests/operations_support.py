@@ -83,9 +83,11 @@ def sync(
     integration: Integration,
     instance: dg.DagsterInstance,
     partition: str = SIM_PARTITIONS[1],
+    last: str | None = None,
 ) -> dg.ExecuteInProcessResult:
-    """One real sync run of ``partition``, as ``hermes-orchestration sync`` makes it."""
-    return sync_now(defs, integration, instance, first=partition)
+    """One real sync run of ``partition`` (to ``last``, for a range), as
+    ``hermes-orchestration sync`` makes it."""
+    return sync_now(defs, integration, instance, first=partition, last=last)
 
 
 def evaluate_guard(

@@ -25,7 +25,6 @@ from dagster_graphql.client.query import LAUNCH_PARTITION_BACKFILL_MUTATION
 from dagster_graphql.test.utils import execute_dagster_graphql, materialize_assets
 
 from hermes_orchestration.assets import integration_asset_keys
-from hermes_orchestration.launch import sync_now
 from hermes_orchestration.simulator import Faults, HermesSimulator, SimulatorConfig
 from hermes_orchestration_tests.conftest import SIM_END, SIM_PARTITIONS, SIM_START, TOKEN
 from hermes_orchestration_tests.faults_support import fresh_postgres
@@ -209,12 +208,8 @@ def test_a_range_run_has_postgresql_measure_the_growing_tables_between_partition
         config = write_integrations(tmp_path, monkeypatch, simulator, {"tienda_rango": ""})
         integration = config.get("tienda_rango")
         with dg.instance_for_test() as instance:
-            result = sync_now(
-                definitions(config),
-                integration,
-                instance,
-                first=SIM_PARTITIONS[0],
-                last=SIM_PARTITIONS[-1],
+            result = sync(
+                definitions(config), integration, instance, SIM_PARTITIONS[0], SIM_PARTITIONS[-1]
             )
         assert result.success
         engine = sa.create_engine(url)

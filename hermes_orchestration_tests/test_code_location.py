@@ -13,9 +13,12 @@ import dagster as dg
 from dagster_postgres.event_log import PostgresEventLogStorage
 
 from hermes_orchestration.assets import MASTER_DATA, asset_key
-from hermes_orchestration.launch import sync_now
 from hermes_orchestration_tests.conftest import SIM_PARTITIONS
-from hermes_orchestration_tests.operations_support import definitions, write_integrations
+from hermes_orchestration_tests.operations_support import (
+    definitions,
+    sync,
+    write_integrations,
+)
 
 DATA_PATH = ["pyarrow", "pandas", "psycopg", "httpx", "email_validator"]
 
@@ -85,12 +88,8 @@ def test_a_range_run_on_postgresql_stores_each_steps_materializations_in_one_bat
         "storage": {"postgres": {"postgres_url": postgres_url.replace("+psycopg:", "+psycopg2:")}}
     }
     with dg.instance_for_test(overrides=storage) as instance:
-        result = sync_now(
-            definitions(config),
-            integration,
-            instance,
-            first=SIM_PARTITIONS[0],
-            last=SIM_PARTITIONS[-1],
+        result = sync(
+            definitions(config), integration, instance, SIM_PARTITIONS[0], SIM_PARTITIONS[-1]
         )
         assert result.success
         stored = instance.fetch_materializations(
