@@ -163,6 +163,30 @@ def validate_partition(
             not a country whose phone numbers can be read.
     """
     table = _conform(raw)
+    (result,) = validate_partitions(
+        table, [table.num_rows], default_country=default_country, today=today, latest=latest
+    )
+    return result
+
+
+def validate_partitions(
+    raw: pa.Table | pa.RecordBatch,
+    sizes: list[int],
+    *,
+    default_country: str = "CL",
+    today: date | None = None,
+    latest: np.ndarray | None = None,
+) -> list[ValidationResult]:
+    """``validate_partition`` of consecutive partitions held in one table, ``sizes`` rows each:
+    the rules run once over all of the rows (most of their cost is per call, not per row), and
+    each partition gets its own result.
+
+    ``latest`` says which rows are judged (``latest_versions`` of each partition, one after the
+    other); by default, the latest version of each id among all of ``raw``'s rows.
+    """
+    table = _conform(raw)
+    if sum(sizes) != table.num_rows or any(size < 0 for size in sizes):
+        raise ValueError(f"partitions of {sizes} rows, but there are {table.num_rows}")
     default_region = _check_default_country(default_country)
     if today is None:
         today = datetime.now(UTC).date()
@@ -171,9 +195,7 @@ def validate_partition(
 
     rows_in = table.num_rows
     if rows_in == 0:
-        return ValidationResult(
-            CLEAN_SCHEMA.empty_table(), REJECTED_SCHEMA.empty_table(), 0, 0, {}, {}
-        )
+        return [_nothing() for _ in sizes]
 
     # The raw record (the widest column) is only read for rejected rows, so it stays chunked.
     fields = {name: table.column(name).combine_chunks() for name in _FIELD_COLUMNS}
@@ -194,15 +216,31 @@ def validate_partition(
     columns["hermes_id"] = ids
     columns["updated_at"] = updated_at
 
-    result = _assemble(table, latest, columns, findings)
-    logger.debug(
-        "validated %d rows: %d valid, %d rejected, %d superseded duplicates",
-        rows_in,
-        result.valid.num_rows,
-        result.rejected.num_rows,
-        result.duplicates_dropped,
-    )
-    return result
+    results = []
+    start = 0
+    for size in sizes:
+        end = start + size
+        if size == rows_in:
+            part = (table, latest, columns, findings)
+        else:
+            part = (
+                table.slice(start, size),
+                latest[start:end],
+                {name: column.slice(start, size) for name, column in columns.items()},
+                findings.rows(start, end),
+            )
+        result = _assemble(*part) if size else _nothing()
+        logger.debug(
+            "validated %d rows: %d valid, %d rejected, %d superseded duplicates",
+            size, result.valid.num_rows, result.rejected.num_rows, result.duplicates_dropped,
+        )  # fmt: skip
+        results.append(result)
+        start = end
+    return results
+
+
+def _nothing() -> ValidationResult:
+    return ValidationResult(CLEAN_SCHEMA.empty_table(), REJECTED_SCHEMA.empty_table(), 0, 0, {}, {})
 
 
 # --- The rules, field by field ----------------------------------------------------------------
@@ -293,6 +331,13 @@ class _Findings:
     def reject(self, code: str, mask: np.ndarray) -> None:
         # A non-object has no fields to judge: its one reason says it all.
         self.rejected[code] = mask & ~self.not_object
+
+    def rows(self, start: int, end: int) -> _Findings:
+        """The findings of rows ``start`` to ``end`` (excluded)."""
+        part = _Findings(self.not_object[start:end])
+        part.rejected = {code: mask[start:end] for code, mask in self.rejected.items()}
+        part.cleared = [(field, code, mask[start:end]) for field, code, mask in self.cleared]
+        return part
 
     def clear(self, field: str, code: str, mask: np.ndarray, values: pa.Array) -> pa.Array:
         """Record that ``field`` is cleared where ``mask`` holds; return the cleared values."""

@@ -196,3 +196,18 @@ def test_a_range_loads_consecutive_partitions_together_until_a_client_repeats_or
         ["2026-11-05"],
         ["2026-11-06"],
     ]
+
+
+def test_a_range_validates_small_partitions_together_up_to_a_row_group(staging) -> None:
+    rows = {"2026-11-01": 3, "2026-11-02": 0, "2026-11-03": ROW_GROUP_ROWS - 3, "2026-11-04": 1}
+    rows["2026-11-05"] = ROW_GROUP_ROWS + 1  # alone
+    rows["2026-11-06"] = 2
+    with staging.transaction() as writes:
+        for key, count in rows.items():
+            writes.write("raw_clients", key, numbers(0, count))
+    assert list(sync._validation_groups(staging, list(rows))) == [
+        ["2026-11-01", "2026-11-02", "2026-11-03"],
+        ["2026-11-04"],
+        ["2026-11-05"],
+        ["2026-11-06"],
+    ]

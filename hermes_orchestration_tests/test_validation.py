@@ -10,8 +10,10 @@ import string
 from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import orjson
 import phonenumbers
 import pyarrow as pa
@@ -35,6 +37,7 @@ from hermes_orchestration.validation import (
     ValidationResult,
     latest_versions,
     validate_partition,
+    validate_partitions,
     validate_row_groups,
 )
 
@@ -914,6 +917,43 @@ def test_validating_row_group_by_row_group_equals_validating_the_whole_partition
     by_id = {row["hermes_id"]: row for row in whole.valid.to_pylist()}
     assert by_id["split"]["first_name"] == "Nueva"
     assert by_id["tie"]["first_name"] == "Segunda"
+
+
+def test_partitions_validated_together_get_what_each_gets_validated_alone() -> None:
+    dataset = ClientDataset(
+        SimulatorConfig(
+            clients=900,
+            seed=5,
+            start=datetime(2025, 6, 1, tzinfo=UTC),
+            end=datetime(2025, 6, 4, tzinfo=UTC),
+            dirty_share=0.3,
+        )
+    )
+    days = [datetime(2025, 6, day, tzinfo=UTC) for day in (1, 2, 3, 4)]
+    partitions = [dataset.window(start, end) for start, end in pairwise(days)]
+    # A client in two partitions: each partition judges its own version of it.
+    partitions[0].append(client(id="twice", updated_at="2025-06-01T10:00:00Z", first_name="Una"))
+    partitions[2].append(client(id="twice", updated_at="2025-06-03T10:00:00Z", first_name="Otra"))
+    partitions.insert(1, [])  # a partition without rows
+    tables = [pa.Table.from_batches([records_to_batch(records)]) for records in partitions]
+    tables[1] = tables[0].slice(0, 0)
+
+    together = validate_partitions(
+        pa.concat_tables(tables),
+        [table.num_rows for table in tables],
+        latest=np.concatenate([latest_versions([table]) for table in tables]),
+        today=TODAY,
+    )
+    alone = [validate_partition(table, today=TODAY) for table in tables]
+    assert together == alone
+    assert sum(result.rejected.num_rows for result in alone) > 0
+    assert any(result.cleared_by_reason for result in alone)
+
+
+def test_partitions_that_do_not_add_up_to_the_rows_are_refused() -> None:
+    raw = pa.Table.from_batches([records_to_batch([client(id="a"), client(id="b")])])
+    with pytest.raises(ValueError, match=r"partitions of \[1\] rows, but there are 2"):
+        validate_partitions(raw, [1], today=TODAY)
 
 
 def test_pieces_that_do_not_add_up_to_the_partition_are_refused() -> None:
