@@ -236,8 +236,9 @@ class MasterDataStore:
         one after the other, in their order, with one transaction for all of them where that
         gives the same result.
 
-        It does when no client is in two of the partitions and no contact loses its last live
-        sources over two of them (its content in between would differ). Otherwise, found out
+        It does unless a client in several of them is deleted or changes email there (the
+        contacts it joined and left in between would differ), or a contact loses its last live
+        sources over several of them (its content in between would differ). Otherwise, found out
         before anything is written, each partition is merged in a transaction of its own, from
         the rows already staged. Either way a transaction that fails leaves nothing of itself.
 
@@ -270,12 +271,10 @@ class MasterDataStore:
                     parts = [
                         _Part(index, partition.key, rows, rows_rejected, partition.content)
                         for index, (partition, rows, rows_rejected) in enumerate(
-                            zip(partitions, staged.rows, rejected, strict=True)
+                            zip(partitions, staged, rejected, strict=True)
                         )
                     ]
-                    result = self._merge(
-                        conn, integration, master_database, parts, staged, committed
-                    )
+                    result = self._merge(conn, integration, master_database, parts, committed)
                 finally:
                     _drop_stage(conn)
         except (SQLAlchemyError, psycopg.Error) as err:
@@ -306,12 +305,11 @@ class MasterDataStore:
         integration: str,
         master_database: str,
         parts: list[_Part],
-        staged: _Staged,
         committed: list[str],
     ) -> LoadResult:
         """Merge the staged partitions: together if that is exact, else one after the other
         (each one merged is added to ``committed``)."""
-        if len(parts) > 1 and not staged.shared_clients:
+        if len(parts) > 1:
             merge = _Merge(conn, integration, master_database, parts)
             try:
                 return _with_retries(conn, merge.run)
@@ -622,15 +620,11 @@ def _utc_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
 
 
-@dataclass(frozen=True)
-class _Staged:
-    rows: list[int]  # the rows staged of each partition
-    shared_clients: bool  # whether a client is in more than one of the partitions
-
-
-def _stage(conn: Connection, partitions: Sequence[pa.Table | Iterable[pa.RecordBatch]]) -> _Staged:
+def _stage(
+    conn: Connection, partitions: Sequence[pa.Table | Iterable[pa.RecordBatch]]
+) -> list[int]:
     """Copy the valid rows of ``partitions`` into ``hermes_stage``, one row per client and
-    partition (the newest).
+    partition (the newest); the rows staged of each partition.
 
     Staging has its own transaction: the temporary table outlives it on this connection, so a
     merge that must be retried does not copy the rows again.
@@ -639,7 +633,6 @@ def _stage(conn: Connection, partitions: Sequence[pa.Table | Iterable[pa.RecordB
     rows: list[int] = []
     ordinal = 0
     distinct = 0  # clients, counted partition by partition
-    ids: list[pa.Array] = []  # the Hermes ids alone, to spot a client listed twice
     with _transaction(conn, write=False):
         _tune_planner(conn)
         conn.execute(DropTable(stage, if_exists=True))
@@ -661,7 +654,6 @@ def _stage(conn: Connection, partitions: Sequence[pa.Table | Iterable[pa.RecordB
             rows.append(ordinal - first)
             if part_ids:
                 distinct += pc.count_distinct(pa.chunked_array(part_ids)).as_py()
-            ids.extend(part_ids)
         _prepare_for_joins(conn, stage, ordinal)
         if distinct < ordinal:
             # A client listed twice in a partition keeps its newest version there (the last one
@@ -677,12 +669,7 @@ def _stage(conn: Connection, partitions: Sequence[pa.Table | Iterable[pa.RecordB
                 newer.c.part == stage.c.part, newer.c.hermes_id == stage.c.hermes_id, is_newer
             )
             conn.execute(sa.delete(stage).where(superseded))
-    shared = (
-        len(partitions) > 1
-        and bool(ids)
-        and (pc.count_distinct(pa.chunked_array(ids)).as_py() < distinct)
-    )
-    return _Staged(rows=rows, shared_clients=shared)
+    return rows
 
 
 def _drop_stage(conn: Connection) -> None:
@@ -847,6 +834,9 @@ class _Merge:
             sources.c.master_database,
             sources.c.email,
             sa.and_(sources.c.hermes_id.is_not(None), sources.c.deleted_at.is_(None)),
+            stage.c.part,
+            sa.func.coalesce(stage.c.deleted_at, stage.c.updated_at),
+            stage.c.updated_at,
         ).select_from(
             stage.outerjoin(
                 sources,
@@ -865,12 +855,64 @@ class _Merge:
         columns = [
             "part", "hermes_id", "email", *CONTACT_FIELDS, "created_at", "updated_at", "deleted_at",
             "is_new", "old_master_database", "old_email", "old_live",
+            "left_part", "left_at", "left_updated_at",
         ]  # fmt: skip
         _fill(self.conn, changed, columns, query)
+        if self.only is None and len(self.parts) > 1:
+            self._collapse_versions()
         new, total = self.conn.execute(
             sa.select(sa.func.count().filter(changed.c.is_new), sa.func.count())
         ).one()
         return new, total - new
+
+    def _collapse_versions(self) -> None:
+        """Keep the latest version of a client changed in several of the partitions, with the
+        time and partition its first one left its previous contact at.
+
+        Merged one by one, its earlier versions would matter only if one of them is deleted or
+        has another email than the others (a contact joined, then left): then ``_NotTogether``.
+        """
+        changed, later = ms.changed, ms.changed.alias("later")
+        repeated = (
+            sa.select(changed.c.hermes_id).group_by(changed.c.hermes_id).having(sa.func.count() > 1)
+        )
+        mattered = repeated.having(
+            sa.or_(
+                sa.func.count(changed.c.deleted_at) > 0,
+                sa.func.count(changed.c.email.distinct()) > 1,
+            )
+        )
+        if self.conn.scalar(mattered.limit(1)) is not None:
+            raise _NotTogether(
+                "a client has a deleted version, or two emails, in several partitions"
+            )
+        if self.conn.scalar(repeated.limit(1)) is None:
+            return
+
+        # Its versions are live: each one's update time is when it left, the earliest first.
+        first = (
+            sa.select(
+                later.c.hermes_id,
+                sa.func.min(later.c.part).label("part"),
+                sa.func.min(later.c.updated_at).label("updated_at"),
+            )
+            .group_by(later.c.hermes_id)
+            .having(sa.func.count() > 1)
+            .subquery("first")
+        )
+        self.conn.execute(
+            sa.update(changed)
+            .where(changed.c.hermes_id == first.c.hermes_id)
+            .values(
+                left_part=first.c.part,
+                left_at=first.c.updated_at,
+                left_updated_at=first.c.updated_at,
+            )
+        )
+        superseded = sa.exists().where(
+            later.c.hermes_id == changed.c.hermes_id, later.c.part > changed.c.part
+        )
+        self.conn.execute(sa.delete(changed).where(superseded))
 
     def _lock_other_master_databases(self) -> list[str]:
         """Lock the other master databases whose contacts lose a source (a moved integration)."""
@@ -1185,11 +1227,9 @@ def _leavers() -> sa.Subquery:
         sa.select(
             changed.c.old_master_database.label("master_database"),
             changed.c.old_email.label("email"),
-            sa.func.max(sa.func.coalesce(changed.c.deleted_at, changed.c.updated_at)).label(
-                "deleted_at"
-            ),
-            sa.func.max(changed.c.updated_at).label("updated_at"),
-            sa.func.count(changed.c.part.distinct()).label("parts"),
+            sa.func.max(changed.c.left_at).label("deleted_at"),
+            sa.func.max(changed.c.left_updated_at).label("updated_at"),
+            sa.func.count(changed.c.left_part.distinct()).label("parts"),
         )
         .where(changed.c.old_live)
         .group_by(changed.c.old_master_database, changed.c.old_email)

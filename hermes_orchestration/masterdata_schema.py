@@ -201,6 +201,11 @@ changed = _temp_table(
     sa.Column("old_master_database", sa.Text),
     sa.Column("old_email", sa.Text),
     sa.Column("old_live", sa.Boolean, nullable=False),  # the stored version fed a contact
+    # When the source left the contact its stored version fed (if it did): the partition, the
+    # deletion or update time, and the update time of the first of its versions merged.
+    sa.Column("left_part", sa.Integer, nullable=False),
+    sa.Column("left_at", UtcDateTime, nullable=False),
+    sa.Column("left_updated_at", UtcDateTime, nullable=False),
     index=("hermes_id",),
     filters=("email", "deleted_at", "is_new", "old_master_database", "old_email", "old_live"),
 )

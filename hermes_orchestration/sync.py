@@ -652,28 +652,41 @@ def load_master_data(
 
 def _load_groups(staging: PartitionStaging, keys: list[str]) -> Iterator[list[str]]:
     """Consecutive partitions to merge in one transaction: at most ``LOAD_GROUP_ROWS`` valid
-    rows together (a larger partition alone), and no client in two of them (its versions in
-    between would matter: merging them one by one is what the store does then anyway)."""
+    rows together (a larger partition alone), ending before a client comes back deleted or
+    under another email (its versions in between would matter: the store would then merge the
+    partitions one by one anyway)."""
     group: list[str] = []
-    ids: set[str] = set()
+    emails: dict[str, str | None] = {}  # each client's email in the group; None: deleted
     rows = 0
     for key in keys:
         count = staging.rows(VALID, key)
         if group and rows + count > LOAD_GROUP_ROWS:
             yield group
-            group, ids, rows = [], set(), 0
-        part_ids = None
+            group, emails, rows = [], {}, 0
         if count < LOAD_GROUP_ROWS and len(keys) > 1:
-            column = staging.read(VALID, key, columns=["hermes_id"]).column("hermes_id")
-            part_ids = column.to_pylist()
-            if not ids.isdisjoint(part_ids):
+            versions = _versions(staging.read(VALID, key, columns=_VERSION_COLUMNS))
+            if any(
+                client in emails and (email is None or emails[client] != email)
+                for client, email in versions.items()
+            ):
                 yield group
-                group, ids, rows = [], set(), 0
-            ids.update(part_ids)
+                group, emails, rows = [], {}, 0
+            emails.update(versions)
         group.append(key)
         rows += count
     if group:
         yield group
+
+
+_VERSION_COLUMNS = ["hermes_id", "email", "deleted_at"]
+
+
+def _versions(valid: pa.Table) -> dict[str, str | None]:
+    """Each client's email in a partition's valid rows, as the master data keys it; None for a
+    deleted client."""
+    email = pc.utf8_lower(pc.utf8_trim_whitespace(valid.column("email")))
+    email = pc.if_else(pc.is_null(valid.column("deleted_at")), email, pa.scalar(None, pa.string()))
+    return dict(zip(valid.column("hermes_id").to_pylist(), email.to_pylist(), strict=True))
 
 
 def _reason_counts(rejected: pa.Table) -> dict[str, int]:

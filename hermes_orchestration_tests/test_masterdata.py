@@ -6,6 +6,7 @@ Every test builds small ``CLEAN_SCHEMA`` partitions with the helpers below, load
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import random
@@ -852,6 +853,8 @@ def test_on_postgresql_too_the_live_contacts_do_not_depend_on_the_order_of_loads
     assert results[0] == results[1]
 
 
+NO_REJECTS = rejected_table()
+
 # --- Partitions loaded together --------------------------------------------------------------
 
 # Columns that record when and in which order rows were written, not what they hold.
@@ -1056,6 +1059,30 @@ def test_a_client_in_two_partitions_loaded_together_goes_through_both_versions(
     )
     assert contacts(store)["bea@example.cl"]["deleted_at"] == at(2)
     assert contacts(store)["ana@example.cl"]["deleted_at"] is None
+
+
+def test_a_client_updated_in_two_partitions_under_one_email_is_merged_in_one_transaction(
+    store: MasterDataStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    load(store, "tienda_norte", "p1", client("1", "vieja@example.cl", 1, first_name="Ana"))
+    caplog.set_level(logging.INFO, logger="hermes_orchestration.masterdata")
+    result = load_together(
+        store,
+        "tienda_norte",
+        [
+            PartitionRows("p2", clean_table([client("1", "ana@example.cl", 2)]), NO_REJECTS),
+            PartitionRows("p3", clean_table([client("2", "bea@example.cl", 3)]), NO_REJECTS),
+            PartitionRows(
+                "p4", clean_table([client("1", "ana@example.cl", 4, city="Talca")]), NO_REJECTS
+            ),
+        ],
+    )
+    assert "one by one" not in caplog.text
+    # Its first version left the old contact: deleted then, as merging one by one would.
+    assert contacts(store)["vieja@example.cl"]["deleted_at"] == at(2)
+    assert contacts(store)["vieja@example.cl"]["updated_at"] == at(2)
+    assert live_contacts(store)["ana@example.cl"]["city"] == "Talca"
+    assert (result.sources_updated, result.sources_inserted, result.contacts_deleted) == (1, 1, 1)
 
 
 def test_a_failed_load_of_partitions_together_writes_nothing(store: MasterDataStore) -> None:
