@@ -876,16 +876,17 @@ def _outcomes(result: ValidationResult, field: str, code: str) -> dict[str, str 
 # --- A partition read piece by piece -----------------------------------------------------------
 
 
-def test_validating_row_group_by_row_group_equals_validating_the_whole_partition() -> None:
-    dataset = ClientDataset(
-        SimulatorConfig(
-            clients=1500,
-            seed=3,
-            start=datetime(2025, 6, 1, tzinfo=UTC),
-            end=datetime(2025, 6, 2, tzinfo=UTC),
-            dirty_share=0.3,
-        )
+def dirty_clients(clients: int, seed: int, days: int) -> ClientDataset:
+    """Simulated clients, a third of them dirty, updated over ``days`` days from 2025-06-01."""
+    start = datetime(2025, 6, 1, tzinfo=UTC)
+    config = SimulatorConfig(
+        clients=clients, seed=seed, start=start, end=start + timedelta(days=days), dirty_share=0.3
     )
+    return ClientDataset(config)
+
+
+def test_validating_row_group_by_row_group_equals_validating_the_whole_partition() -> None:
+    dataset = dirty_clients(1500, seed=3, days=1)
     records = dataset.window(dataset.start, dataset.end)
     # Versions of one client in different pieces: an older one late, a newer one early, a tie.
     records = [
@@ -920,15 +921,7 @@ def test_validating_row_group_by_row_group_equals_validating_the_whole_partition
 
 
 def test_partitions_validated_together_get_what_each_gets_validated_alone() -> None:
-    dataset = ClientDataset(
-        SimulatorConfig(
-            clients=900,
-            seed=5,
-            start=datetime(2025, 6, 1, tzinfo=UTC),
-            end=datetime(2025, 6, 4, tzinfo=UTC),
-            dirty_share=0.3,
-        )
-    )
+    dataset = dirty_clients(900, seed=5, days=3)
     days = [datetime(2025, 6, day, tzinfo=UTC) for day in (1, 2, 3, 4)]
     partitions = [dataset.window(start, end) for start, end in pairwise(days)]
     # A client in two partitions: each partition judges its own version of it.
