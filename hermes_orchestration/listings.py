@@ -33,10 +33,12 @@ _FLATTENING_CODE = ("records.py", "listings.py")
 
 @dataclass(frozen=True)
 class PageEntry:
-    """One page of a listing: the digest of its records, and its rows per partition index."""
+    """One page of a listing: the digest of its records, its rows per partition index, and the
+    partition of its last row (where a next row without a usable ``updated_at`` is filed)."""
 
     digest: str | None  # None: records too deeply nested to encode, never taken as unchanged
     rows: tuple[tuple[int, int], ...]
+    last: int
 
     @property
     def count(self) -> int:
@@ -76,8 +78,9 @@ def previous_listing(staging: PartitionStaging, keys: list[str], window: str) ->
             PageEntry(
                 None if digest is None else str(digest),
                 tuple((int(index), int(rows)) for index, rows in counts),
+                int(last),
             )
-            for digest, counts in stored["pages"]
+            for digest, counts, last in stored["pages"]
         ]
     except (KeyError, TypeError, ValueError):
         return None
@@ -99,7 +102,7 @@ def record_listing(
     stored = {
         "identity": _identity(keys, window),
         "contents": contents,
-        "pages": [[page.digest, [list(pair) for pair in page.rows]] for page in pages],
+        "pages": [[page.digest, [list(pair) for pair in page.rows], page.last] for page in pages],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")

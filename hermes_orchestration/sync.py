@@ -193,6 +193,7 @@ class _RawPartitions:
         self.pages_as_before = 0
         self._digests = [ContentDigest() for _ in keys]
         self._kept: dict[int, int] = {}  # rows of a staged file listed again, not copied yet
+        self._copied: dict[int, int] = {}  # rows of a staged file copied into the new one
         self._standing: set[int] = set()  # finished by keeping the staged file as it is
         self._open: set[int] = set()
         self._current = 0  # the partition of the latest row
@@ -211,7 +212,7 @@ class _RawPartitions:
                     for index, rows in entry.rows:
                         self.counts[index] += rows
                         self._kept[index] = self._kept.get(index, 0) + rows
-                        self._current = index
+                    self._current = entry.last
                     self._complete_before(self._current)
                     return
             self._previous = None  # the listing differs from here on
@@ -222,7 +223,8 @@ class _RawPartitions:
         for index, rows in buckets:
             self._add(index, records_to_batch(rows))
             self.counts[index] += len(rows)
-        self.pages.append(listings.PageEntry(digest, tuple((i, len(r)) for i, r in buckets)))
+        counts = tuple((index, len(rows)) for index, rows in buckets)
+        self.pages.append(listings.PageEntry(digest, counts, self._current))
         self._complete_before(self._current)
 
     def complete(self) -> None:
@@ -258,7 +260,7 @@ class _RawPartitions:
     def _finish(self, index: int) -> None:
         key = self._keys[index]
         if index in self._kept and index not in self._open:
-            if self._kept[index] == self._staging.rows(RAW, key):
+            if index not in self._copied and self._kept[index] == self._staging.rows(RAW, key):
                 self._standing.add(index)  # listed again whole: the staged file stands
                 return
             self._copy_kept(index)
@@ -268,16 +270,22 @@ class _RawPartitions:
         self._open.discard(index)
 
     def _copy_kept(self, index: int) -> None:
-        """Start a partition's new file with the rows of its staged file listed again."""
-        key, wanted = self._keys[index], self._kept.pop(index)
+        """Write into a partition's new file the rows of its staged file listed again since the
+        last copy (the staged file's rows in order: those before are copied already)."""
+        key = self._keys[index]
+        start = self._copied.get(index, 0)
+        end = start + self._kept.pop(index)
+        self._copied[index] = end
         self._standing.discard(index)
+        at = 0  # the staged file's row where ``batch`` starts
         for batch in self._staging.batches(RAW, key):
-            if wanted <= 0:
+            if at >= end:
                 break
-            batch = batch.slice(0, wanted)
-            self._writes.write(RAW, key, batch)
-            self._digests[index].update(batch)
-            wanted -= batch.num_rows
+            if at + batch.num_rows > start:
+                rows = batch.slice(max(start - at, 0), end - max(start, at))
+                self._writes.write(RAW, key, rows)
+                self._digests[index].update(rows)
+            at += batch.num_rows
         self._open.add(index)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hermes_orchestration import listings
+from hermes_orchestration import staging as staging_module
 from hermes_orchestration.fingerprints import CONTENT_KEY
 from hermes_orchestration.staging import RAW, PartitionStaging
 from hermes_orchestration.sync import _RawPartitions
@@ -55,8 +56,12 @@ def stage(staging: PartitionStaging, pages: list[list[dict]], *, reuse: bool = T
     }
 
 
-@pytest.fixture
-def staging(tmp_path: Path) -> PartitionStaging:
+@pytest.fixture(params=[None, 3], ids=["row-groups-of-32768", "row-groups-of-3"])
+def staging(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> PartitionStaging:
+    if request.param:  # rows kept are then copied from several row groups of the staged file
+        monkeypatch.setattr(staging_module, "ROW_GROUP_ROWS", request.param)
     return PartitionStaging(tmp_path / "staging", "tienda_test")
 
 
@@ -137,3 +142,17 @@ def test_a_page_too_deeply_nested_to_encode_is_always_staged_again(staging, fres
     again = stage(staging, pages)
     assert again["pages_as_before"] == 2  # the pages before it
     assert again["rows"] == stage(fresh, pages, reuse=False)["rows"]
+
+
+def test_a_row_without_an_instant_after_kept_pages_is_filed_where_staging_every_page_files_it(
+    staging, fresh
+) -> None:
+    # Such a row stays with the row before it: here the late row that ends the third page.
+    before = listing()
+    before[2] = [*before[2], client(40, 2)]
+    after = [page.copy() for page in before]
+    after[3] = [{"id": "50", "email": "sin@ejemplo.cl"}, *after[3]]
+    stage(staging, before)
+    reused = stage(staging, after)
+    assert reused["pages_as_before"] == 3
+    assert reused["rows"] == stage(fresh, after, reuse=False)["rows"]
