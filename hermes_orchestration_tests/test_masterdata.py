@@ -1102,6 +1102,36 @@ def test_a_failed_load_of_partitions_together_writes_nothing(store: MasterDataSt
     assert snapshot(store) == before
 
 
+def test_a_failure_after_partitions_merged_one_by_one_names_those_that_stay_merged(
+    store: MasterDataStore,
+) -> None:
+    # Client 1 changes email between p1 and p2: they are merged one by one, and p2 fails.
+    group = [
+        PartitionRows("p1", clean_table([client("1", "ana@example.cl", 1)]), NO_REJECTS, "c1"),
+        PartitionRows("p2", clean_table([client("1", "bea@example.cl", 2)]), NO_REJECTS, "c2"),
+    ]
+    merges = []  # the merge of both together, of p1, of p2
+
+    def fail_the_third_merge(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith("INSERT INTO hermes_changed"):
+            merges.append(statement)
+            if len(merges) == 3:
+                raise sa.exc.OperationalError(statement, {}, Exception("injected failure"))
+
+    sa.event.listen(store.engine, "before_cursor_execute", fail_the_third_merge)
+    try:
+        with pytest.raises(MasterDataError) as failure:
+            load_together(store, "tienda_norte", group)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", fail_the_third_merge)
+    assert "partitions ['p1'] were merged before the failure, the rest was not" in str(
+        failure.value
+    )
+    assert "ana@example.cl" in live_contacts(store)
+    assert "bea@example.cl" not in contacts(store)
+    assert [row["partition_key"] for row in rows(store, ms.partition_loads)] == ["p1"]
+
+
 def test_partitions_listed_twice_in_one_load_are_refused(store: MasterDataStore) -> None:
     part = PartitionRows("p1", clean_table([client("1", "ana@example.cl", 1)]), rejected_table())
     with pytest.raises(PartitionInputError, match="partitions listed twice in one load"):
