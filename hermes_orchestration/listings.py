@@ -10,7 +10,7 @@ with the rows it keeps of the staged file. An unchanged listing rewrites nothing
 
 The record is only a shortcut: it is used only if every partition's staged file is still the one
 it describes, and it is ignored (the fetch stages everything) when missing, unreadable, or made by
-another version of the flattening code or for another window.
+another version of the code that flattens and files the rows, or for another window.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from hermes_orchestration.fingerprints import CONTENT_KEY, code_digest
 from hermes_orchestration.staging import RAW, PartitionStaging
 
 _VERSION = 1
-_FLATTENING_CODE = ("records.py", "listings.py")
+# What decides the rows a page stages and the partition each is filed under.
+_STAGING_CODE = ("records.py", "listings.py", "sync.py")
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def record_listing(
 
 
 def _identity(keys: list[str], window: str) -> list[Any]:
-    return [_VERSION, window, keys, code_digest(_FLATTENING_CODE)]
+    return [_VERSION, window, keys, code_digest(_STAGING_CODE)]
 
 
 def _path(staging: PartitionStaging, keys: list[str]) -> Path:
