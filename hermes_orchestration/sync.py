@@ -149,7 +149,7 @@ def fetch_raw_clients(
             "window: their rows, already staged, were not staged again"
         )
     try:
-        listings.record_listing(staging, keys, span, staged.pages, staged.contents())
+        staged.record(span)
     except OSError as err:  # only a shortcut for the next fetch is lost
         context.log.warning(f"could not record the listing of window {span}: {err}")
     return dg.MaterializeResult(
@@ -187,6 +187,7 @@ class _RawPartitions:
         self._keys = keys
         self._starts = starts  # the start instants of the partitions but the first
         self._previous = previous
+        self._recorded = previous.pages if previous else None  # as the record holds them
         self._previous_contents = previous.contents if previous else {}
         self.counts = [0] * len(keys)
         self.pages: list[listings.PageEntry] = []
@@ -232,7 +233,12 @@ class _RawPartitions:
         for index in sorted(self._open | set(range(self._done, len(self._keys)))):
             self._finish(index)
 
-    def contents(self) -> dict[str, str]:
+    def record(self, window: str) -> None:
+        """Record the listing for the next fetch of ``window``, unless it is the one recorded."""
+        if self.pages != self._recorded:
+            listings.record_listing(self._staging, self._keys, window, self.pages, self._contents())
+
+    def _contents(self) -> dict[str, str]:
         """The content digest of each partition's staged file, once complete."""
         return {
             key: (
@@ -448,7 +454,8 @@ def validate_clients(
         for group in _validation_groups(staging, list(pending)):
             validated = _validate_group(staging, writes, group, integration.default_country, today)
             for key, counts in zip(group, validated, strict=True):
-                content = {CONTENT_KEY: source} if (source := pending[key]) else {}
+                source = pending[key]
+                content = {CONTENT_KEY: source} if source else {}
                 writes.finish(VALID, key, {SUMMARY_KEY: counts.to_json(), **content})
                 writes.finish(REJECTED, key, content)
                 totals.add(counts)

@@ -46,11 +46,13 @@ def stage(staging: PartitionStaging, pages: list[list[dict]], *, reuse: bool = T
         for page in pages:
             staged.page(page)
         staged.complete()
-    listings.record_listing(staging, KEYS, WINDOW, staged.pages, staged.contents())
+    staged.record(WINDOW)
+    record = next(staging.path(RAW, KEYS[0]).parent.glob("*.listing.json"))
     return {
         "pages_as_before": staged.pages_as_before,
         "counts": staged.counts,
         "files": {key: staging.path(RAW, key).stat().st_mtime_ns for key in KEYS},
+        "record": record.stat().st_mtime_ns,
         "rows": {key: staging.read(RAW, key).to_pylist() for key in KEYS},
         "contents": {key: staging.metadata(RAW, key)[CONTENT_KEY] for key in KEYS},
     }
@@ -76,6 +78,7 @@ def test_an_unchanged_listing_is_counted_and_rewrites_no_file(staging) -> None:
     again = stage(staging, listing())
     assert again["pages_as_before"] == 5
     assert again["files"] == first["files"]  # not one file written again
+    assert again["record"] == first["record"]
     assert again["counts"] == first["counts"] == [7, 7, 6]
     assert again["contents"] == first["contents"]
 
