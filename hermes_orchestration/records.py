@@ -19,6 +19,11 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from hermes_orchestration import memory
+
+# Before any module of the package converts a Python list into Arrow (they all import this one).
+memory.withhold_pandas_from_arrow()
+
 # The Client properties of the API contract, in contract order.
 CLIENT_FIELDS: tuple[str, ...] = (
     "id",

@@ -22,7 +22,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes_orchestration import listings
+from hermes_orchestration import listings, memory
 from hermes_orchestration.config import Integration
 from hermes_orchestration.fingerprints import (
     CONTENT_KEY,
@@ -107,6 +107,7 @@ def fetch_raw_clients(
 ) -> dg.MaterializeResult:
     """Fetch the run's window page by page and stage each row under its partition."""
     tag_run(context, integration)
+    memory.map_large_blocks()
     partitions_def = partitions_def_for(integration)
     keys = list(context.partition_keys)
     windows = [partitions_def.time_window_for_partition_key(key) for key in keys]
@@ -427,6 +428,7 @@ def validate_clients(
     validated again (unless the run is tagged for a full sync): its staged result stands.
     """
     tag_run(context, integration)
+    memory.map_large_blocks()
     staging = context.resources.staging.for_integration(integration)
     today = datetime.now(UTC).astimezone(integration.zone).date()
     totals = _Validated()
@@ -459,6 +461,7 @@ def validate_clients(
                 writes.finish(VALID, key, {SUMMARY_KEY: counts.to_json(), **content})
                 writes.finish(REJECTED, key, content)
                 totals.add(counts)
+            memory.give_back_free_pages()
     if unchanged:
         context.log.info(
             f"{unchanged} of {len(context.partition_keys)} partitions unchanged since their "
@@ -573,6 +576,8 @@ def _validate(
         writes.write(REJECTED, key, result.rejected)
         counts.add(_Validated.of(result))
         valid_ids.extend(result.valid.column("hermes_id").chunks)
+        del result
+        memory.give_back_free_pages()
     counts.duplicate_ids = _repeated(pa.chunked_array(valid_ids, pa.string()))
     return counts
 
@@ -608,6 +613,7 @@ def load_master_data(
     ``_load_groups``), which gives the master data of merging them one by one.
     """
     tag_run(context, integration)
+    memory.map_large_blocks()
     staging = context.resources.staging.for_integration(integration)
     store = context.resources.masterdata.store
     store.ensure_schema()
@@ -641,6 +647,7 @@ def load_master_data(
         result = store.load_partitions(**names, partitions=partitions)
         inserted += result.sources_inserted
         results.append(result)
+        memory.give_back_free_pages()
     if unchanged:
         context.log.info(
             f"{unchanged} of {len(context.partition_keys)} partitions already loaded with the "
