@@ -86,6 +86,10 @@ master_databases = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False),
 )
 
+# The columns the merge joins and filters the master tables on: the planner needs statistics of
+# these alone (``MasterDataStore.refresh_statistics``).
+_MERGE_COLUMNS = ("master_database", "email", "updated_at", "deleted_at")
+
 master_contacts = sa.Table(
     "master_contacts",
     METADATA,
@@ -98,6 +102,7 @@ master_contacts = sa.Table(
     sa.Column("loaded_at", UtcDateTime, nullable=False),  # when this row last changed
     sa.UniqueConstraint("master_database", "email", name="uq_master_contacts_email"),
     postgresql_with=_ROOM_FOR_UPDATES,
+    info={"analyze": (*_MERGE_COLUMNS, "id")},
 )
 
 contact_sources = sa.Table(
@@ -117,6 +122,7 @@ contact_sources = sa.Table(
     # Also finds the deleted sources of a contact: they keep their last email.
     sa.Index("ix_contact_sources_email", "master_database", "email"),
     postgresql_with=_ROOM_FOR_UPDATES,
+    info={"analyze": (*_MERGE_COLUMNS, "integration", "hermes_id")},
 )
 
 rejected_clients = sa.Table(

@@ -619,6 +619,43 @@ def test_a_load_whose_connection_dies_midway_writes_nothing(
     store.dispose()
 
 
+@pytest.mark.postgres
+def test_refreshed_statistics_measure_the_master_tables_by_the_columns_the_merge_joins_on(
+    postgres_masterdata_url: str,
+) -> None:
+    drop_tables(postgres_masterdata_url)  # new tables: no statistics from an earlier ANALYZE
+    store = empty_postgres_store(postgres_masterdata_url)
+    # Fewer rows than autovacuum waits for before it analyzes a table (50).
+    clients = [client(str(n), f"c{n}@example.cl", 1, city="Talca") for n in range(30)]
+    load(store, "tienda_norte", "p1", *clients)
+    store.refresh_statistics()
+    with store.engine.connect() as conn:
+        measured = conn.execute(
+            sa.text(
+                "SELECT tablename, attname FROM pg_stats "
+                "WHERE tablename IN ('contact_sources', 'master_contacts')"
+            )
+        ).all()
+        rows = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT relname, reltuples FROM pg_class "
+                    "WHERE relname IN ('contact_sources', 'master_contacts')"
+                )
+            ).all()
+        )
+    store.dispose()
+    assert rows == {"contact_sources": 30, "master_contacts": 30}
+    columns = {(table, column) for table, column in measured}
+    for table in (ms.contact_sources, ms.master_contacts):
+        assert {column for name, column in columns if name == table.name} == set(
+            table.info["analyze"]
+        )
+    # The joined columns are among them; the wide text ones (the costly part) are not.
+    assert {("contact_sources", "hermes_id"), ("master_contacts", "email")} <= columns
+    assert ("contact_sources", "city") not in columns
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
