@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import sqlalchemy as sa
 from dagster_postgres.event_log import PostgresEventLogStorage
 
 from hermes_orchestration.assets import MASTER_DATA, asset_key
@@ -99,3 +100,34 @@ def test_a_range_run_on_postgresql_stores_each_steps_materializations_in_one_bat
     materializations = [batch for batch in batches if "ASSET_MATERIALIZATION" in batch]
     assert [len(batch) for batch in materializations] == [len(SIM_PARTITIONS)] * 3
     assert sorted(record.partition_key for record in stored) == sorted(SIM_PARTITIONS)
+
+
+def test_a_sync_on_postgresql_storage_keeps_its_connections_to_dagsters_database(
+    tmp_path, monkeypatch, simulator, state_dir, postgres_url
+) -> None:
+    # Dagster's PostgreSQL storage opens a connection per event it stores unless told otherwise:
+    # a range run records one per partition and asset before it starts.
+    config = write_integrations(tmp_path, monkeypatch, simulator, {"tienda_norte": ""})
+    integration = config.get("tienda_norte")
+    opened: list[str] = []
+
+    def count(dbapi_connection: Any, _record: Any) -> None:
+        if type(dbapi_connection).__module__.startswith("psycopg2"):  # Dagster's driver
+            opened.append(dbapi_connection.dsn)
+
+    storage = {
+        "storage": {"postgres": {"postgres_url": postgres_url.replace("+psycopg:", "+psycopg2:")}}
+    }
+    with dg.instance_for_test(overrides=storage) as instance:
+        sa.event.listen(sa.pool.Pool, "connect", count)
+        try:
+            result = sync(
+                definitions(config), integration, instance, SIM_PARTITIONS[0], SIM_PARTITIONS[-1]
+            )
+        finally:
+            sa.event.remove(sa.pool.Pool, "connect", count)
+        assert result.success
+        stored = len(instance.all_logs(result.run_id))
+    # A few connections, one per storage and some spare, not one or two per event (151 here).
+    assert stored > 50
+    assert 0 < len(opened) <= 10
