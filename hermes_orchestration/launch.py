@@ -11,6 +11,7 @@ from importlib import import_module
 
 import dagster as dg
 
+from hermes_orchestration import storage_connections
 from hermes_orchestration.assets import integration_asset_keys
 from hermes_orchestration.config import Integration
 from hermes_orchestration.jobs import sync_job_name
@@ -53,7 +54,7 @@ def sync_now(
         tags["dagster/asset_partition_range_start"] = first
         tags["dagster/asset_partition_range_end"] = last
     job = defs.resolve_job_def(sync_job_name(integration))
-    _keep_storage_connections(instance)
+    storage_connections.keep_connections(instance)  # before the run records its plan
     # What the steps run on (Arrow, the validators, the drivers; imported lazily so that the
     # processes that only read the definitions do without them): this process runs the steps
     # itself, so it imports them before the run starts, and the run's time is the sync's.
@@ -64,14 +65,3 @@ def sync_now(
         tags=tags,
         raise_on_error=False,
     )
-
-
-def _keep_storage_connections(instance: dg.DagsterInstance) -> None:
-    """Have Dagster's storage keep its connections for this process, as its webserver does.
-
-    On PostgreSQL storage Dagster otherwise opens a new connection for every event it stores
-    (two for an asset event): a range run records an event per partition and asset before it
-    starts, over a thousand for a year of daily partitions. The webserver's settings without
-    its 15 s statement timeout (a sync process is not serving the UI). No-op on SQLite storage.
-    """
-    instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)

@@ -22,7 +22,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hermes_orchestration import listings, memory
+from hermes_orchestration import listings, memory, storage_connections
 from hermes_orchestration.config import Integration
 from hermes_orchestration.fingerprints import (
     CONTENT_KEY,
@@ -90,6 +90,14 @@ def tag_run(context: dg.AssetExecutionContext, integration: Integration) -> None
         context.instance.add_run_tags(context.run.run_id, missing)
 
 
+def _begin_step(context: dg.AssetExecutionContext, integration: Integration) -> None:
+    """What every step does first: tag the run, and set up the process that runs it (it keeps
+    its connections to Dagster's storage and gives freed memory back)."""
+    tag_run(context, integration)
+    storage_connections.keep_connections(context.instance)
+    memory.map_large_blocks()
+
+
 def _instant(value: Any) -> float | None:
     if not isinstance(value, str):
         return None
@@ -106,8 +114,7 @@ def fetch_raw_clients(
     context: dg.AssetExecutionContext, integration: Integration
 ) -> dg.MaterializeResult:
     """Fetch the run's window page by page and stage each row under its partition."""
-    tag_run(context, integration)
-    memory.map_large_blocks()
+    _begin_step(context, integration)
     partitions_def = partitions_def_for(integration)
     keys = list(context.partition_keys)
     windows = [partitions_def.time_window_for_partition_key(key) for key in keys]
@@ -427,8 +434,7 @@ def validate_clients(
     A partition whose raw content, rules and settings are those of its staged validation is not
     validated again (unless the run is tagged for a full sync): its staged result stands.
     """
-    tag_run(context, integration)
-    memory.map_large_blocks()
+    _begin_step(context, integration)
     staging = context.resources.staging.for_integration(integration)
     today = datetime.now(UTC).astimezone(integration.zone).date()
     totals = _Validated()
@@ -612,8 +618,7 @@ def load_master_data(
     The others are merged in order; a range run merges consecutive ones together (see
     ``_load_groups``), which gives the master data of merging them one by one.
     """
-    tag_run(context, integration)
-    memory.map_large_blocks()
+    _begin_step(context, integration)
     staging = context.resources.staging.for_integration(integration)
     store = context.resources.masterdata.store
     store.ensure_schema()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ import dagster as dg
 import sqlalchemy as sa
 from dagster_postgres.event_log import PostgresEventLogStorage
 
-from hermes_orchestration.assets import MASTER_DATA, asset_key
+from hermes_orchestration.assets import MASTER_DATA, asset_key, integration_asset_keys
+from hermes_orchestration.jobs import sync_job_name
 from hermes_orchestration_tests.conftest import SIM_PARTITIONS
 from hermes_orchestration_tests.operations_support import (
     definitions,
@@ -102,6 +105,22 @@ def test_a_range_run_on_postgresql_stores_each_steps_materializations_in_one_bat
     assert sorted(record.partition_key for record in stored) == sorted(SIM_PARTITIONS)
 
 
+@contextmanager
+def dagster_connections_opened() -> Iterator[list[float]]:
+    """When Dagster (psycopg2; the master data uses psycopg 3) opens a connection meanwhile."""
+    opened: list[float] = []
+
+    def count(dbapi_connection: Any, _record: Any) -> None:
+        if type(dbapi_connection).__module__.startswith("psycopg2"):
+            opened.append(time.time())
+
+    sa.event.listen(sa.pool.Pool, "connect", count)
+    try:
+        yield opened
+    finally:
+        sa.event.remove(sa.pool.Pool, "connect", count)
+
+
 def test_a_sync_on_postgresql_storage_keeps_its_connections_to_dagsters_database(
     tmp_path, monkeypatch, simulator, state_dir, postgres_url
 ) -> None:
@@ -109,25 +128,48 @@ def test_a_sync_on_postgresql_storage_keeps_its_connections_to_dagsters_database
     # a range run records one per partition and asset before it starts.
     config = write_integrations(tmp_path, monkeypatch, simulator, {"tienda_norte": ""})
     integration = config.get("tienda_norte")
-    opened: list[str] = []
-
-    def count(dbapi_connection: Any, _record: Any) -> None:
-        if type(dbapi_connection).__module__.startswith("psycopg2"):  # Dagster's driver
-            opened.append(dbapi_connection.dsn)
-
-    storage = {
-        "storage": {"postgres": {"postgres_url": postgres_url.replace("+psycopg:", "+psycopg2:")}}
-    }
-    with dg.instance_for_test(overrides=storage) as instance:
-        sa.event.listen(sa.pool.Pool, "connect", count)
-        try:
+    with dg.instance_for_test(overrides=postgres_storage(postgres_url)) as instance:
+        with dagster_connections_opened() as opened:
             result = sync(
                 definitions(config), integration, instance, SIM_PARTITIONS[0], SIM_PARTITIONS[-1]
             )
-        finally:
-            sa.event.remove(sa.pool.Pool, "connect", count)
         assert result.success
         stored = len(instance.all_logs(result.run_id))
     # A few connections, one per storage and some spare, not one or two per event (151 here).
     assert stored > 50
     assert 0 < len(opened) <= 10
+
+
+def test_a_run_launched_by_the_daemon_keeps_its_connections_once_its_steps_start(
+    tmp_path, monkeypatch, simulator, state_dir, postgres_url
+) -> None:
+    # As a run worker executes a run the daemon launched: the job itself, not through sync_now.
+    # Only the events recorded before the first step are stored one connection each.
+    config = write_integrations(tmp_path, monkeypatch, simulator, {"tienda_norte": ""})
+    integration = config.get("tienda_norte")
+    job = definitions(config).resolve_job_def(sync_job_name(integration))
+    with dg.instance_for_test(overrides=postgres_storage(postgres_url)) as instance:
+        with dagster_connections_opened() as opened:
+            result = job.execute_in_process(
+                instance=instance,
+                asset_selection=integration_asset_keys(integration),
+                partition_key=SIM_PARTITIONS[0],
+            )
+        assert result.success
+        events = instance.all_logs(result.run_id)
+    started = next(
+        event.timestamp
+        for event in events
+        if event.dagster_event and event.dagster_event.event_type_value == "STEP_START"
+    )
+    # From the first step on: a few connections (one per storage, some spare), not one or two
+    # per event (about 95 here otherwise).
+    assert len([event for event in events if event.timestamp > started]) > 20
+    assert 0 < len([moment for moment in opened if moment > started]) <= 10
+
+
+def postgres_storage(postgres_url: str) -> dict[str, Any]:
+    """Instance settings for Dagster's storage in the test database (through psycopg2)."""
+    return {
+        "storage": {"postgres": {"postgres_url": postgres_url.replace("+psycopg:", "+psycopg2:")}}
+    }
