@@ -582,7 +582,7 @@ def _validate(
         writes.write(REJECTED, key, result.rejected)
         counts.add(_Validated.of(result))
         valid_ids.extend(result.valid.column("hermes_id").chunks)
-        del result
+        del result  # the row group's result is freed before the heap is trimmed
         memory.give_back_free_pages()
     counts.duplicate_ids = _repeated(pa.chunked_array(valid_ids, pa.string()))
     return counts
