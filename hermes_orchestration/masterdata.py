@@ -199,6 +199,11 @@ class MasterDataStore:
                         )
                     )
                 ms.METADATA.create_all(conn)
+                # Tables created by an earlier release: the indexes of this one.
+                for index in ms.contact_sources.indexes:
+                    index.create(conn, checkfirst=True)
+                for name in ms.FORMER_INDEXES:
+                    conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))  # constant identifiers
         except SQLAlchemyError as err:
             raise MasterDataError(
                 f"could not create the master database tables at {self.display_url}: {_reason(err)}"
@@ -954,7 +959,8 @@ class _Merge:
         _fill(conn, ms.before, list(snapshot.selected_columns.keys()), snapshot)
 
         # Every live source of an affected contact once the load is done: the stored ones that
-        # the load does not replace, and the load's own live rows.
+        # the load does not replace (a stored live source is linked to the contact of its key),
+        # and the load's own live rows.
         replaced = sa.exists().where(
             sources.c.integration == self.integration, changed.c.hermes_id == sources.c.hermes_id
         )
@@ -967,7 +973,7 @@ class _Merge:
                 *(sources.c[name] for name in CONTACT_FIELDS),
                 sources.c.updated_at,
             )
-            .join_from(affected, sources, _same_key(sources, affected))
+            .join_from(ms.before, sources, sources.c.contact_id == ms.before.c.id)
             .where(sources.c.deleted_at.is_(None), ~replaced)
         )
         incoming = sa.select(

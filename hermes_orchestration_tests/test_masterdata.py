@@ -619,6 +619,30 @@ def test_a_load_whose_connection_dies_midway_writes_nothing(
     store.dispose()
 
 
+def test_a_database_created_by_an_earlier_release_gets_this_releases_indexes(
+    store: MasterDataStore,
+) -> None:
+    load(store, "tienda_norte", "p1", client("1", "ana@example.cl", 1, first_name="Ana"))
+    # As an earlier release created it: contact_sources indexed by master database and email.
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX ix_contact_sources_contact"))
+        conn.execute(
+            sa.text(
+                "CREATE INDEX ix_contact_sources_email ON contact_sources (master_database, email)"
+            )
+        )
+    before = snapshot(store)
+    store.ensure_schema()
+    store.ensure_schema()  # and again: nothing left to do
+    indexes = {index["name"] for index in sa.inspect(store.engine).get_indexes("contact_sources")}
+    assert indexes == {"ix_contact_sources_contact"}
+    assert snapshot(store) == before
+    # Its contacts are found through the new index: a second source merges into the contact.
+    load(store, "tienda_sur", "p1", client("9", "ana@example.cl", 2, city="Talca"))
+    ana = live_contacts(store)["ana@example.cl"]
+    assert (ana["first_name"], ana["city"]) == ("Ana", "Talca")
+
+
 @pytest.mark.postgres
 def test_refreshed_statistics_measure_the_master_tables_by_the_columns_the_merge_joins_on(
     postgres_masterdata_url: str,
