@@ -608,6 +608,89 @@ def _copy(conn: Connection, table: sa.Table, data: pa.Table) -> None:
         copy.write(buffer.getbuffer())
 
 
+# An insert of more rows than its table holds: PostgreSQL builds the table's indexes again (a
+# sort each) faster than it updates them row by row. For 195,000 new sources: 1.8 s with the
+# indexes in place, 0.6 s with them dropped and built again. Below this size it is not worth
+# locking the table for.
+_REBUILD_MIN_ROWS = 20_000
+
+
+@dataclass(frozen=True)
+class _Index:
+    """An index of a table, as PostgreSQL itself would drop and create it."""
+
+    drop: str
+    create: str
+
+
+@contextmanager
+def _indexes_rebuilt_for(conn: Connection, table: sa.Table, rows: int) -> Iterator[None]:
+    """Around an insert of at least ``rows`` rows into ``table``: on PostgreSQL, if they are
+    many and the table holds fewer, drop its indexes (and the constraints they back) before and
+    build them again after.
+
+    All of it happens in the load's transaction, so a failure leaves the indexes as they were.
+    The table is locked against readers until the load commits, which a first load can afford.
+    It is not waited for: if another transaction uses the table (a reader, another load), or an
+    index cannot be dropped (another object depends on it), the indexes stay in place.
+    """
+    if conn.dialect.name != "postgresql" or rows < _REBUILD_MIN_ROWS or _holds(conn, table, rows):
+        yield
+        return
+    indexes = _indexes_of(conn, table)
+    name = conn.dialect.identifier_preparer.format_table(table)
+    try:
+        with conn.begin_nested():
+            conn.exec_driver_sql(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE NOWAIT")
+            for index in indexes:
+                conn.exec_driver_sql(index.drop)
+    except DBAPIError as err:
+        logger.info("Inserting into %s with its indexes in place: %s", table.name, _reason(err))
+        yield
+        return
+    yield
+    for index in indexes:
+        conn.exec_driver_sql(index.create)
+
+
+def _holds(conn: Connection, table: sa.Table, rows: int) -> bool:
+    """Whether ``table`` holds at least ``rows`` rows (it reads no more than that many)."""
+    some = sa.select(sa.literal(1)).select_from(table).limit(rows).subquery()
+    return conn.scalar(sa.select(sa.func.count()).select_from(some)) >= rows
+
+
+_INDEXES_OF = sa.text(
+    """
+    SELECT i.indrelid::regclass::text AS table_name,
+           i.indexrelid::regclass::text AS index_name,
+           pg_get_indexdef(i.indexrelid) AS index_definition,
+           quote_ident(c.conname) AS constraint_name,
+           pg_get_constraintdef(c.oid) AS constraint_definition
+    FROM pg_index AS i
+    LEFT JOIN pg_constraint AS c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid
+    WHERE i.indrelid = to_regclass(:table)
+    ORDER BY i.indexrelid
+    """
+)
+
+
+def _indexes_of(conn: Connection, table: sa.Table) -> list[_Index]:
+    """Every index of ``table`` (a constraint's as the constraint), from PostgreSQL's catalog."""
+    indexes = []
+    for row in conn.execute(_INDEXES_OF, {"table": table.name}):
+        if row.constraint_name is None:
+            indexes.append(_Index(f"DROP INDEX {row.index_name}", row.index_definition))
+        else:
+            alter = f"ALTER TABLE {row.table_name}"
+            indexes.append(
+                _Index(
+                    f"{alter} DROP CONSTRAINT {row.constraint_name}",
+                    f"{alter} ADD CONSTRAINT {row.constraint_name} {row.constraint_definition}",
+                )
+            )
+    return indexes
+
+
 def _executemany(conn: Connection, table: sa.Table, data: pa.Table) -> None:
     insert = table.insert().values({name: sa.bindparam(name) for name in data.column_names})
     compiled = insert.compile(dialect=conn.dialect)
@@ -745,12 +828,13 @@ class _Merge:
         contacts = _ContactCounts()
         if sources_inserted or sources_updated:
             touched = self._lock_other_master_databases()
-            affected = self._collect_affected()
-            self._merge_contacts()
+            affected, stored = self._collect_affected()
+            merged = self._merge_contacts()
             if len(self.parts) > 1:
                 self._check_together()
-            contacts = self._write_contacts(affected)
-            self._write_sources()
+            # At least this many contacts are new: those merged beyond the ones stored.
+            contacts = self._write_contacts(affected, new_at_least=merged - stored)
+            self._write_sources(new=sources_inserted)
             table = ms.master_databases
             conn.execute(
                 sa.update(table)
@@ -936,8 +1020,9 @@ class _Merge:
             _lock_master_database(self.conn, name)
         return sorted(others)
 
-    def _collect_affected(self) -> int:
-        """Note the affected contacts (their count), snapshot them and gather their live sources."""
+    def _collect_affected(self) -> tuple[int, int]:
+        """Note the affected contacts, snapshot them and gather their live sources; how many are
+        affected and how many of them are stored."""
         conn, changed, affected = self.conn, ms.changed, ms.affected
         contacts, sources = ms.master_contacts, ms.contact_sources
         keys = sa.union(
@@ -956,7 +1041,7 @@ class _Merge:
             contacts.c.updated_at,
             contacts.c.deleted_at,
         ).join_from(affected, contacts, _same_key(contacts, affected))
-        _fill(conn, ms.before, list(snapshot.selected_columns.keys()), snapshot)
+        stored_count = _fill(conn, ms.before, list(snapshot.selected_columns.keys()), snapshot)
 
         # Every live source of an affected contact once the load is done: the stored ones that
         # the load does not replace (a stored live source is linked to the contact of its key),
@@ -986,10 +1071,10 @@ class _Merge:
         ).where(changed.c.deleted_at.is_(None))
         columns = [c.name for c in ms.candidates.columns]
         _fill(conn, ms.candidates, columns, sa.union_all(stored, incoming))
-        return count
+        return count, stored_count
 
-    def _merge_contacts(self) -> None:
-        """Compute the content of every affected contact that has a live source."""
+    def _merge_contacts(self) -> int:
+        """Compute the content of every affected contact that has a live source; their count."""
         conn, candidates, shared, after = self.conn, ms.candidates, ms.shared, ms.after
         key = [candidates.c.master_database, candidates.c.email]
         several = sa.select(*key).group_by(*key).having(sa.func.count() > 1)
@@ -999,7 +1084,7 @@ class _Merge:
         single = sa.select(*(candidates.c[name] for name in columns)).where(
             ~sa.exists().where(_same_key(shared, candidates))
         )
-        conn.execute(sa.insert(after).from_select(columns, single))  # analyzed below
+        alone = conn.execute(sa.insert(after).from_select(columns, single)).rowcount
 
         # The others: find for each field the latest instant at which a source has a value,
         # then take the value of that source. Sources updated at the same instant are told apart
@@ -1037,7 +1122,9 @@ class _Merge:
             .join_from(candidates, latest, _same_key(latest, candidates))
             .group_by(latest.c.master_database, latest.c.email)
         )
-        _fill(conn, after, columns, merged)
+        rows = alone + conn.execute(sa.insert(after).from_select(columns, merged)).rowcount
+        _prepare_for_joins(conn, after, rows)  # all of its rows, not only the merged ones
+        return rows
 
     def _check_together(self) -> None:
         """Raise ``_NotTogether`` if a contact loses its last live sources over several of the
@@ -1053,7 +1140,7 @@ class _Merge:
         if self.conn.scalar(spread) is not None:
             raise _NotTogether("a contact loses its last live sources over several partitions")
 
-    def _write_contacts(self, affected: int) -> _ContactCounts:
+    def _write_contacts(self, affected: int, new_at_least: int) -> _ContactCounts:
         """Insert new contacts, update changed or revived ones, soft-delete orphaned ones."""
         conn, contacts, before, after = self.conn, ms.master_contacts, ms.before, ms.after
         now = sa.literal(self.now, UtcDateTime())
@@ -1065,11 +1152,12 @@ class _Merge:
             *(after.c[name] for name in content),
             now,
         ).where(~sa.exists().where(_same_key(before, after)))
-        inserted = conn.execute(
-            sa.insert(contacts).from_select(
-                ["master_database", "email", *content, "loaded_at"], new
-            )
-        ).rowcount
+        with _indexes_rebuilt_for(conn, contacts, new_at_least):
+            inserted = conn.execute(
+                sa.insert(contacts).from_select(
+                    ["master_database", "email", *content, "loaded_at"], new
+                )
+            ).rowcount
 
         revived = conn.scalar(
             sa.select(sa.func.count())
@@ -1112,8 +1200,8 @@ class _Merge:
             revived=revived,
         )
 
-    def _write_sources(self) -> None:
-        """Write the changed sources, linking live ones to their contact."""
+    def _write_sources(self, new: int) -> None:
+        """Write the changed sources (``new`` of them new), linking live ones to their contact."""
         changed, sources, contacts = ms.changed, ms.contact_sources, ms.master_contacts
         versions = ["created_at", "updated_at", "deleted_at"]
         now = sa.literal(self.now, UtcDateTime())
@@ -1122,7 +1210,7 @@ class _Merge:
             contacts.c.master_database == self.master_database,
             contacts.c.email == changed.c.email,
         )
-        new = (
+        inserted = (
             sa.select(
                 _text(self.integration),
                 changed.c.hermes_id,
@@ -1139,7 +1227,8 @@ class _Merge:
             "integration", "hermes_id", "contact_id", "master_database", "email",
             *CONTACT_FIELDS, *versions, "loaded_at",
         ]  # fmt: skip
-        self.conn.execute(sa.insert(sources).from_select(columns, new))
+        with _indexes_rebuilt_for(self.conn, sources, new):
+            self.conn.execute(sa.insert(sources).from_select(columns, inserted))
 
         # The stored version is older (checked again here, under the lock, as a safety net).
         replaces = sa.and_(

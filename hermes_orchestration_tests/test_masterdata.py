@@ -11,8 +11,11 @@ import multiprocessing
 import os
 import random
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -25,6 +28,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hermes_orchestration import masterdata
 from hermes_orchestration import masterdata_schema as ms
 from hermes_orchestration.masterdata import (
     LoadResult,
@@ -678,6 +682,158 @@ def test_refreshed_statistics_measure_the_master_tables_by_the_columns_the_merge
     # The joined columns are among them; the wide text ones (the costly part) are not.
     assert {("contact_sources", "hermes_id"), ("master_contacts", "email")} <= columns
     assert ("contact_sources", "city") not in columns
+
+
+# --- Large inserts on PostgreSQL: indexes built again instead of updated ----------------------
+
+
+@pytest.fixture
+def rebuild_from(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Set how many new rows (and more than the table holds) make a load build the indexes of
+    a master table again instead of updating them."""
+    return lambda rows: monkeypatch.setattr(masterdata, "_REBUILD_MIN_ROWS", rows)
+
+
+def index_definitions(store: MasterDataStore) -> dict[str, str]:
+    """Every index of the master contacts and sources, with its definition (PostgreSQL)."""
+    with store.engine.connect() as conn:
+        return dict(
+            conn.execute(
+                sa.text(
+                    "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+                    "WHERE indrelid IN ('master_contacts'::regclass, 'contact_sources'::regclass)"
+                )
+            ).all()
+        )
+
+
+@contextmanager
+def statements_sent(store: MasterDataStore) -> Iterator[list[str]]:
+    """The statements the store sends while the block runs."""
+    sent: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement.strip())
+
+    sa.event.listen(store.engine, "before_cursor_execute", note)
+    try:
+        yield sent
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", note)
+
+
+def altered(sent: list[str], verb: str = "ADD") -> set[str]:
+    """The master tables of which the statements ``verb`` (ADD: build again) a constraint."""
+    return {
+        table
+        for table in ("master_contacts", "contact_sources")
+        for statement in sent
+        if statement.startswith(f"ALTER TABLE {table} {verb} CONSTRAINT")
+    }
+
+
+@pytest.mark.postgres
+def test_loads_larger_than_the_master_tables_rebuild_their_indexes_and_store_the_same(
+    postgres_masterdata_url: str, rebuild_from: Any
+) -> None:
+    versions = fixed_histories(seed=5, clients_per_integration=40)
+    by_partition = partitions(versions)
+    stored, rebuilt = [], []
+    for first_rows in (5, 10**9):  # rebuilt where a load is larger, then never
+        rebuild_from(first_rows)
+        store = empty_postgres_store(postgres_masterdata_url)
+        indexes = index_definitions(store)
+        with statements_sent(store) as sent:
+            for integration, partition_key in sorted(by_partition):
+                clients = [v.as_client() for v in by_partition[(integration, partition_key)]]
+                load(store, integration, partition_key, *clients)
+                rebuilt.append(altered(sent))
+                sent.clear()
+        assert index_definitions(store) == indexes
+        assert_consistent(store, versions)
+        stored.append(stored_content(store))
+        store.dispose()
+    assert stored[0] == stored[1]
+    loads = len(by_partition)
+    # The first loads outgrow the tables; once they hold more, the indexes are updated.
+    assert rebuilt[0] == {"master_contacts", "contact_sources"}
+    assert set() in rebuilt[:loads]
+    assert rebuilt[loads:] == [set()] * loads
+
+
+@pytest.mark.postgres
+def test_a_load_that_fails_after_dropping_the_indexes_leaves_them_and_the_data_as_they_were(
+    postgres_masterdata_url: str, rebuild_from: Any
+) -> None:
+    rebuild_from(3)
+    store = empty_postgres_store(postgres_masterdata_url)
+    load(store, "tienda_norte", "p1", client("1", "ana@example.cl", 1, first_name="Ana"))
+    before, indexes = snapshot(store), index_definitions(store)
+    partition = [client(str(n), f"c{n}@example.cl", 2) for n in range(2, 8)]
+    # The contacts' indexes are built again by then, the sources' are dropped.
+    hook = fail_when("INSERT INTO contact_sources")
+    sa.event.listen(store.engine, "before_cursor_execute", hook)
+    try:
+        with statements_sent(store) as sent, pytest.raises(RuntimeError, match="injected"):
+            load(store, "tienda_norte", "p2", *partition)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", hook)
+    assert altered(sent, "DROP") == {"master_contacts", "contact_sources"}
+    assert (snapshot(store), index_definitions(store)) == (before, indexes)
+    assert load(store, "tienda_norte", "p2", *partition).contacts_inserted == 6
+    store.dispose()
+
+
+@pytest.mark.postgres
+def test_indexes_that_other_tables_depend_on_stay_in_place_during_a_large_load(
+    postgres_masterdata_url: str, rebuild_from: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    rebuild_from(3)
+    store = empty_postgres_store(postgres_masterdata_url)
+    with store.engine.begin() as conn:  # a table of icomm's that points at the contacts
+        conn.execute(
+            sa.text("CREATE TABLE campaign_members (contact_id integer REFERENCES master_contacts)")
+        )
+    indexes = index_definitions(store)
+    caplog.set_level(logging.INFO, logger="hermes_orchestration.masterdata")
+    try:
+        with statements_sent(store) as sent:
+            result = load(store, "tienda_norte", "p1", *[
+                client(str(n), f"c{n}@example.cl", 1) for n in range(6)
+            ])  # fmt: skip
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE campaign_members"))
+    assert result.contacts_inserted == 6
+    assert "Inserting into master_contacts with its indexes in place" in caplog.text
+    assert altered(sent) == {"contact_sources"}  # nothing depends on the sources' indexes
+    assert index_definitions(store) == indexes
+    store.dispose()
+
+
+@pytest.mark.postgres
+def test_large_first_loads_of_two_master_databases_at_once_both_succeed(
+    postgres_masterdata_url: str, rebuild_from: Any
+) -> None:
+    rebuild_from(3)
+    empty_postgres_store(postgres_masterdata_url).dispose()
+    stores = [MasterDataStore(postgres_masterdata_url) for _ in range(2)]
+    ready = threading.Barrier(2)
+
+    def first_load(index: int) -> LoadResult:
+        clients = [client(f"{index}-{n}", f"c{n}@example.cl", 1, city="Talca") for n in range(300)]
+        ready.wait()
+        return load(stores[index], f"tienda_{index}", "p1", *clients, master_database=f"db{index}")
+
+    # Each wants both master tables to itself, and does not wait for them: whichever finds the
+    # other using a table inserts with its indexes in place.
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(first_load, range(2)))
+    assert [result.contacts_inserted for result in results] == [300, 300]
+    for index in range(2):
+        assert len(live_contacts(stores[0], f"db{index}")) == 300
+    for store in stores:
+        store.dispose()
 
 
 @pytest.mark.parametrize(
