@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,10 @@ class StagedWrites:
 
     A partition's file stays open until the step ``finish``es it, so a step that works through
     many partitions (a range run) holds one or two open files at a time, not one per partition.
+
+    Row groups are encoded and written by a thread of its own, one at a time, while the step
+    prepares the next (Arrow works without Python's lock): a step holds at most two row groups
+    of a file, the one being written and the one being gathered.
     """
 
     def __init__(self, staging: PartitionStaging, scratch: Path) -> None:
@@ -116,6 +121,8 @@ class StagedWrites:
         self._writers: dict[tuple[str, str], pq.ParquetWriter] = {}
         self._pending: dict[tuple[str, str], list[pa.RecordBatch]] = {}
         self._files: dict[tuple[str, str], Path] = {}
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="staged-writes")
+        self._writing: Future[None] | None = None
 
     def write(self, stage: str, partition_key: str, data: pa.Table | pa.RecordBatch) -> None:
         """Append a table or batch to a partition's file, in row groups of ``ROW_GROUP_ROWS``.
@@ -133,7 +140,7 @@ class StagedWrites:
         if gathered >= ROW_GROUP_ROWS:
             table = pa.Table.from_batches(pending)
             whole = gathered - gathered % ROW_GROUP_ROWS
-            writer.write_table(table.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
+            self._write_rows(writer, table.slice(0, whole))
             self._pending[key] = table.slice(whole).to_batches()
 
     def finish(
@@ -147,9 +154,11 @@ class StagedWrites:
             raise KeyError(f"no open file of {stage} for partition {partition_key}")
         try:
             self._flush(key, writer)
+            self._written()
             if metadata:
                 writer.add_key_value_metadata(metadata)
         finally:
+            self._written(raise_error=False)
             writer.close()
 
     def _open(self, key: tuple[str, str], schema: pa.Schema) -> pq.ParquetWriter:
@@ -168,7 +177,20 @@ class StagedWrites:
     def _flush(self, key: tuple[str, str], writer: pq.ParquetWriter) -> None:
         pending = self._pending.pop(key, [])
         if pending:
-            writer.write_table(pa.Table.from_batches(pending), row_group_size=ROW_GROUP_ROWS)
+            self._write_rows(writer, pa.Table.from_batches(pending))
+
+    def _write_rows(self, writer: pq.ParquetWriter, table: pa.Table) -> None:
+        """Have the writer thread write ``table`` once it has written the previous rows."""
+        self._written()
+        self._writing = self._writer_thread.submit(
+            writer.write_table, table, row_group_size=ROW_GROUP_ROWS
+        )
+
+    def _written(self, *, raise_error: bool = True) -> None:
+        """Wait until the rows handed to the writer thread are written; raise its error."""
+        writing, self._writing = self._writing, None
+        if writing is not None and (error := writing.exception()) is not None and raise_error:
+            raise error
 
     def close(self, *, discard: bool = False) -> None:
         """Finish every open file without metadata (unless ``discard``: then only close them;
@@ -177,11 +199,14 @@ class StagedWrites:
             if not discard:
                 for key, writer in self._writers.items():
                     self._flush(key, writer)
+                self._written()
         finally:
+            self._written(raise_error=False)
             for writer in self._writers.values():
                 writer.close()
             self._writers.clear()
             self._pending.clear()
+            self._writer_thread.shutdown()
 
     def publish(self) -> None:
         """Move the finished files into place, each with one atomic rename."""

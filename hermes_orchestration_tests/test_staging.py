@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -123,6 +126,46 @@ def test_a_failed_step_publishes_nothing_and_keeps_the_previous_files(staging) -
     assert staging.read("raw_clients", "2026-11-02").column("n").to_pylist() == list(range(10))
     assert not staging.exists("raw_clients", "2026-11-03")
     assert not any((staging.root / "tienda_test" / ".incoming").iterdir())
+
+
+def test_a_row_group_that_cannot_be_written_fails_the_step_and_publishes_nothing(staging) -> None:
+    with staging.transaction() as writes:
+        writes.write("raw_clients", "2026-11-02", numbers(0, 10))
+    text = pa.record_batch({"n": pa.array(["not a number"] * ROW_GROUP_ROWS)})
+    # Row groups are written by a thread of the step's: its failure is the step's.
+    with pytest.raises(ValueError, match="schema"), staging.transaction() as writes:
+        writes.write("raw_clients", "2026-11-02", numbers(100, ROW_GROUP_ROWS))
+        writes.write("raw_clients", "2026-11-02", text)
+        writes.write("raw_clients", "2026-11-03", numbers(0, 10))
+    assert staging.read("raw_clients", "2026-11-02").column("n").to_pylist() == list(range(10))
+    assert not staging.exists("raw_clients", "2026-11-03")
+    assert not any((staging.root / "tienda_test" / ".incoming").iterdir())
+
+
+def test_writing_a_partition_holds_at_most_two_row_groups_however_many_it_has(
+    staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_table = pq.ParquetWriter.write_table
+
+    def slow_disk(writer: pq.ParquetWriter, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.05)  # the step gathers rows faster than they are written
+        write_table(writer, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", slow_disk)
+    groups = 24
+    text = pa.array([f"{row:08d}" * 16 for row in range(ROW_GROUP_ROWS)], pa.string())
+    group_bytes = text.nbytes
+    before = pa.total_allocated_bytes()
+    most = 0
+    with staging.transaction() as writes:
+        for _ in range(groups):
+            page = pa.record_batch({"text": pc.utf8_reverse(text)})  # a new copy each time
+            writes.write("raw_clients", "2026-11-02", page)
+            del page
+            most = max(most, pa.total_allocated_bytes() - before)
+    assert staging.rows("raw_clients", "2026-11-02") == groups * ROW_GROUP_ROWS
+    # The one being written and the one being gathered, not a queue of the 24.
+    assert most < 3 * group_bytes, (most, group_bytes)
 
 
 def test_metadata_written_with_a_file_is_read_back_with_it(staging) -> None:
