@@ -50,7 +50,10 @@ class PartitionStaging:
     def read(self, stage: str, partition_key: str, columns: list[str] | None = None) -> pa.Table:
         """The whole staged table of a partition (only ``columns`` if given); raises
         MissingStagedDataError when absent."""
-        return pq.read_table(self._existing(stage, partition_key), columns=columns)
+        # ParquetFile rather than read_table: no dataset to discover, half the cost of reading
+        # a small file (a range run reads a thousand).
+        with pq.ParquetFile(self._existing(stage, partition_key)) as file:
+            return file.read(columns=columns)
 
     def batches(
         self, stage: str, partition_key: str, columns: list[str] | None = None
