@@ -237,20 +237,17 @@ class MasterDataStore:
     def load_partitions(
         self, *, integration: str, master_database: str, partitions: Sequence[PartitionRows]
     ) -> LoadResult:
-        """Merge consecutive partitions into ``master_database``: the master data of loading them
-        one after the other, in their order, with one transaction for all of them where that
-        gives the same result.
+        """Merge consecutive partitions into ``master_database`` in one transaction (all or
+        nothing): the master data of loading them one after the other, in their order.
 
-        It does unless a client in several of them is deleted or changes email there (the
-        contacts it joined and left in between would differ), or a contact loses its last live
-        sources over several of them (its content in between would differ). Otherwise, found out
-        before anything is written, each partition is merged in a transaction of its own, from
-        the rows already staged. Either way a transaction that fails leaves nothing of itself.
+        That includes what their clients did in between: a contact that a client joined in one
+        partition and left in a later one is there, deleted, with the content it had just before
+        its last source left; a tombstone keeps the email and contact of its client's last live
+        version.
 
         Raises:
             PartitionInputError: the rows do not fit their schema; nothing was written.
-            MasterDataError: the database failed; the failed transaction was rolled back, and
-                the partitions merged before it (one transaction each) stay merged.
+            MasterDataError: the database failed; the transaction was rolled back.
         """
         for label, value in (("integration", integration), ("master_database", master_database)):
             _require_text(label, value)
@@ -266,7 +263,6 @@ class MasterDataStore:
             for partition in partitions
         ]
         what = f"partition {keys[0]!r}" if len(keys) == 1 else f"partitions {keys[0]}..{keys[-1]}"
-        committed: list[str] = []  # partitions merged one by one, before a failure
         started = time.perf_counter()
         try:
             # preserve_rowcount: the merge counts what it wrote from INSERT ... SELECT row counts.
@@ -279,19 +275,15 @@ class MasterDataStore:
                             zip(partitions, staged, rejected, strict=True)
                         )
                     ]
-                    result = self._merge(conn, integration, master_database, parts, committed)
+                    merge = _Merge(conn, integration, master_database, parts)
+                    result = _with_retries(conn, merge.run)
                 finally:
                     _drop_stage(conn)
         except (SQLAlchemyError, psycopg.Error) as err:
-            written = (
-                f"partitions {committed} were merged before the failure, the rest was not"
-                if committed
-                else "nothing of it was written"
-            )
             raise MasterDataError(
                 f"loading {what} of integration {integration!r} into master database "
                 f"{master_database!r} at {self.display_url} failed and was rolled back, "
-                f"{written}: {_reason(err)}"
+                f"nothing of it was written: {_reason(err)}"
             ) from err
         elapsed = time.perf_counter() - started
         logger.info(
@@ -303,29 +295,6 @@ class MasterDataStore:
             result.rejected,
         )  # fmt: skip
         return result
-
-    def _merge(
-        self,
-        conn: Connection,
-        integration: str,
-        master_database: str,
-        parts: list[_Part],
-        committed: list[str],
-    ) -> LoadResult:
-        """Merge the staged partitions: together if that is exact, else one after the other
-        (each one merged is added to ``committed``)."""
-        if len(parts) > 1:
-            merge = _Merge(conn, integration, master_database, parts)
-            try:
-                return _with_retries(conn, merge.run)
-            except _NotTogether as reason:
-                logger.info("Merging partitions one by one: %s", reason)
-        results = []
-        for part in parts:
-            merge = _Merge(conn, integration, master_database, [part], only=part.index)
-            results.append(_with_retries(conn, merge.run))
-            committed.append(part.key)
-        return LoadResult.combined(results)
 
     def unchanged(
         self, *, integration: str, master_database: str, partition_key: str, content: str
@@ -790,27 +759,22 @@ class _Part:
     content: str | None
 
 
-class _NotTogether(Exception):
-    """Merging these partitions in one transaction would not equal merging them one by one."""
-
-
 class _Merge:
-    """The set-based merge of staged partitions, run inside the load transaction: of all the
-    staged ones at once, or of the ``only`` one."""
+    """The set-based merge of the staged partitions, run inside the load transaction.
+
+    Several partitions are merged ``together``: each client's latest version is what is
+    written, and each contact left without live sources by the end gets the content and the
+    deletion time of its last death among the partitions (``_collect_dying``).
+    """
 
     def __init__(
-        self,
-        conn: Connection,
-        integration: str,
-        master_database: str,
-        parts: Sequence[_Part],
-        only: int | None = None,
+        self, conn: Connection, integration: str, master_database: str, parts: Sequence[_Part]
     ) -> None:
         self.conn = conn
         self.integration = integration
         self.master_database = master_database
         self.parts = parts
-        self.only = only
+        self.together = len(parts) > 1
         self.now = datetime.now(UTC)  # the load time, set again by each attempt
 
     def run(self) -> LoadResult:
@@ -821,7 +785,8 @@ class _Merge:
         _tune_planner(conn)
         self._ensure_master_database()
         self._replace_rejected()
-        for table in ms.MERGE_TABLES:
+        tables = ms.MERGE_TABLES + (ms.GROUP_TABLES if self.together else ())
+        for table in tables:
             conn.execute(DropTable(table, if_exists=True))
             conn.execute(CreateTable(table))
         sources_inserted, sources_updated = self._collect_changed()
@@ -829,9 +794,9 @@ class _Merge:
         if sources_inserted or sources_updated:
             touched = self._lock_other_master_databases()
             affected, stored = self._collect_affected()
+            if self.together:
+                self._collect_dying()
             merged = self._merge_contacts()
-            if len(self.parts) > 1:
-                self._check_together()
             # At least this many contacts are new: those merged beyond the ones stored.
             contacts = self._write_contacts(affected, new_at_least=merged - stored)
             self._write_sources(new=sources_inserted)
@@ -841,7 +806,7 @@ class _Merge:
                 .where(table.c.name.in_([self.master_database, *touched]))
                 .values(updated_at=self.now)
             )
-        for table in reversed(ms.MERGE_TABLES):
+        for table in reversed(tables):
             conn.execute(DropTable(table))
         self._record_loads()
         updated_at = conn.scalar(
@@ -928,9 +893,6 @@ class _Merge:
             sources.c.master_database,
             sources.c.email,
             sa.and_(sources.c.hermes_id.is_not(None), sources.c.deleted_at.is_(None)),
-            stage.c.part,
-            sa.func.coalesce(stage.c.deleted_at, stage.c.updated_at),
-            stage.c.updated_at,
         ).select_from(
             stage.outerjoin(
                 sources,
@@ -944,15 +906,12 @@ class _Merge:
         query = query.where(
             sa.or_(sources.c.hermes_id.is_(None), stage.c.updated_at > sources.c.updated_at)
         )
-        if self.only is not None:
-            query = query.where(stage.c.part == self.only)
         columns = [
             "part", "hermes_id", "email", *CONTACT_FIELDS, "created_at", "updated_at", "deleted_at",
             "is_new", "old_master_database", "old_email", "old_live",
-            "left_part", "left_at", "left_updated_at",
         ]  # fmt: skip
         _fill(self.conn, changed, columns, query)
-        if self.only is None and len(self.parts) > 1:
+        if self.together:
             self._collapse_versions()
         new, total = self.conn.execute(
             sa.select(sa.func.count().filter(changed.c.is_new), sa.func.count())
@@ -960,53 +919,61 @@ class _Merge:
         return new, total - new
 
     def _collapse_versions(self) -> None:
-        """Keep the latest version of a client changed in several of the partitions, with the
-        time and partition its first one left its previous contact at.
-
-        Merged one by one, its earlier versions would matter only if one of them is deleted or
-        has another email than the others (a contact joined, then left): then ``_NotTogether``.
-        """
-        changed, later = ms.changed, ms.changed.alias("later")
-        repeated = (
-            sa.select(changed.c.hermes_id).group_by(changed.c.hermes_id).having(sa.func.count() > 1)
+        """Note every version of the clients changed in the partitions (``versions``), then keep
+        the latest one of each, with the email its tombstone keeps if it is deleted."""
+        conn, changed, versions = self.conn, ms.changed, ms.versions
+        earlier = changed.alias("earlier")
+        # Merged one by one, a version not newer than one of an earlier partition changes nothing.
+        stale = sa.exists().where(
+            earlier.c.hermes_id == changed.c.hermes_id,
+            earlier.c.part < changed.c.part,
+            earlier.c.updated_at >= changed.c.updated_at,
         )
-        mattered = repeated.having(
-            sa.or_(
-                sa.func.count(changed.c.deleted_at) > 0,
-                sa.func.count(changed.c.email.distinct()) > 1,
-            )
-        )
-        if self.conn.scalar(mattered.limit(1)) is not None:
-            raise _NotTogether(
-                "a client has a deleted version, or two emails, in several partitions"
-            )
-        if self.conn.scalar(repeated.limit(1)) is None:
-            return
-
-        # Its versions are live: each one's update time is when it left, the earliest first.
-        first = (
+        conn.execute(sa.delete(changed).where(stale))
+        columns = [column.name for column in versions.columns]
+        _fill(conn, versions, columns, sa.select(*(changed.c[name] for name in columns)))
+        chains = (
             sa.select(
-                later.c.hermes_id,
-                sa.func.min(later.c.part).label("part"),
-                sa.func.min(later.c.updated_at).label("updated_at"),
+                versions.c.hermes_id,
+                sa.func.max(versions.c.part).filter(versions.c.deleted_at.is_(None)).label("live"),
+                sa.func.min(versions.c.part).label("first"),
             )
-            .group_by(later.c.hermes_id)
+            .group_by(versions.c.hermes_id)
             .having(sa.func.count() > 1)
-            .subquery("first")
+            .subquery("chains")
         )
-        self.conn.execute(
-            sa.update(changed)
-            .where(changed.c.hermes_id == first.c.hermes_id)
-            .values(
-                left_part=first.c.part,
-                left_at=first.c.updated_at,
-                left_updated_at=first.c.updated_at,
+        if conn.scalar(sa.select(sa.func.count()).select_from(chains)) == 0:
+            return
+        live, first = versions.alias("live"), versions.alias("first")
+        kept = (
+            sa.select(
+                chains.c.hermes_id,
+                live.c.email.label("live_email"),
+                first.c.email.label("first_email"),
             )
+            .select_from(
+                chains.outerjoin(
+                    live,
+                    sa.and_(live.c.hermes_id == chains.c.hermes_id, live.c.part == chains.c.live),
+                ).join(
+                    first,
+                    sa.and_(
+                        first.c.hermes_id == chains.c.hermes_id, first.c.part == chains.c.first
+                    ),
+                )
+            )
+            .subquery("kept")
         )
+        conn.execute(
+            sa.update(changed)
+            .where(changed.c.hermes_id == kept.c.hermes_id, changed.c.deleted_at.is_not(None))
+            .values(last_live_email=kept.c.live_email, email=kept.c.first_email)
+        )
+        later = changed.alias("later")
         superseded = sa.exists().where(
             later.c.hermes_id == changed.c.hermes_id, later.c.part > changed.c.part
         )
-        self.conn.execute(sa.delete(changed).where(superseded))
+        conn.execute(sa.delete(changed).where(superseded))
 
     def _lock_other_master_databases(self) -> list[str]:
         """Lock the other master databases whose contacts lose a source (a moved integration)."""
@@ -1025,10 +992,11 @@ class _Merge:
         affected and how many of them are stored."""
         conn, changed, affected = self.conn, ms.changed, ms.affected
         contacts, sources = ms.master_contacts, ms.contact_sources
+        # The contacts of the live versions (every one of them, of partitions merged together),
+        # and of the stored ones.
+        live = ms.versions if self.together else changed
         keys = sa.union(
-            sa.select(_text(self.master_database), changed.c.email).where(
-                changed.c.deleted_at.is_(None)
-            ),
+            sa.select(_text(self.master_database), live.c.email).where(live.c.deleted_at.is_(None)),
             sa.select(changed.c.old_master_database, changed.c.old_email).where(changed.c.old_live),
         )
         count = _fill(conn, affected, ["master_database", "email"], keys)
@@ -1072,6 +1040,179 @@ class _Merge:
         columns = [c.name for c in ms.candidates.columns]
         _fill(conn, ms.candidates, columns, sa.union_all(stored, incoming))
         return count, stored_count
+
+    def _collect_dying(self) -> None:
+        """Partitions merged together: note the affected contacts that end without live sources
+        (``dying``), with the partition in which the last of them left and when, and add to
+        ``candidates`` their live sources as they were just before: merged one by one, that is
+        the content such a contact keeps, whether it was stored or created on the way.
+
+        A contact's live sources are counted partition by partition: the stored ones, plus the
+        versions that join it, minus those that leave it (deleted, or moved to another email).
+        """
+        conn, versions, moves, dying = self.conn, ms.versions, ms.moves, ms.dying
+        md = _text(self.master_database)
+        columns = [column.name for column in moves.columns]
+        # Only a contact that a source leaves can end without live sources: the others' joins
+        # are not counted.
+        hops = self._hops()
+        moved = sa.or_(hops.c.was_in != md, hops.c.was_email != hops.c.email)
+        leaves = sa.select(
+            hops.c.was_in, hops.c.was_email, hops.c.part, sa.literal(-1), hops.c.left_at,
+            hops.c.updated_at,
+        ).where(hops.c.was_live, sa.or_(sa.not_(hops.c.live), moved))  # fmt: skip
+        if _fill(conn, moves, columns, leaves) == 0:
+            return
+        left = sa.exists().where(moves.c.master_database == md, moves.c.email == versions.c.email)
+        joining = sa.select(versions.c.hermes_id).where(versions.c.deleted_at.is_(None), left)
+        hops = self._hops(versions.c.hermes_id.in_(joining))
+        moved = sa.or_(hops.c.was_in != md, hops.c.was_email != hops.c.email)
+        joins = sa.select(md, hops.c.email, hops.c.part, sa.literal(1), sa.null(), sa.null()).where(
+            hops.c.live, sa.or_(sa.not_(hops.c.was_live), moved)
+        )
+        rows = conn.execute(sa.insert(moves).from_select(columns, joins)).rowcount
+        _prepare_for_joins(conn, moves, rows)
+
+        before, sources = ms.before, ms.contact_sources
+        stored = (
+            sa.select(before.c.master_database, before.c.email, sa.func.count().label("sources"))
+            .join_from(before, sources, sources.c.contact_id == before.c.id)
+            .where(sources.c.deleted_at.is_(None))
+            .group_by(before.c.master_database, before.c.email)
+            .subquery("stored")
+        )
+        # Per contact and partition: the change in live sources, and when those leaving left.
+        net = (
+            sa.select(
+                moves.c.master_database,
+                moves.c.email,
+                moves.c.part,
+                sa.func.sum(moves.c.delta).label("delta"),
+                sa.func.max(moves.c.left_at).label("left_at"),
+                sa.func.max(moves.c.left_updated_at).label("left_updated_at"),
+            )
+            .group_by(moves.c.master_database, moves.c.email, moves.c.part)
+            .subquery("net")
+        )
+        key = (net.c.master_database, net.c.email)
+        start = sa.func.coalesce(stored.c.sources, 0)
+        counted = (
+            sa.select(
+                net,
+                (
+                    start + sa.func.sum(net.c.delta).over(partition_by=key, order_by=net.c.part)
+                ).label("after"),
+                (start + sa.func.sum(net.c.delta).over(partition_by=key)).label("at_end"),
+            )
+            .select_from(net.outerjoin(stored, _same_key(stored, net)))
+            .subquery("counted")
+        )
+        # The partitions in which a contact that ends without live sources lost its last one,
+        # the latest first. (Window functions, not joins of aggregates: the planner cannot
+        # estimate those, and a wrong guess joins them by nested loops.)
+        deaths = (
+            sa.select(
+                counted,
+                sa.func.row_number()
+                .over(
+                    partition_by=(counted.c.master_database, counted.c.email),
+                    order_by=counted.c.part.desc(),
+                )
+                .label("latest"),
+            )
+            .where(
+                counted.c.after == 0, counted.c.after - counted.c.delta > 0, counted.c.at_end == 0
+            )
+            .subquery("deaths")
+        )
+        when = sa.select(
+            deaths.c.master_database,
+            deaths.c.email,
+            deaths.c.part,
+            deaths.c.left_at,
+            deaths.c.left_updated_at,
+        ).where(deaths.c.latest == 1)
+        columns = ["master_database", "email", "part", "deleted_at", "updated_at"]
+        if _fill(conn, dying, columns, when) == 0:
+            return
+
+        # Their sources just before: the stored ones of clients not changed by then (those not
+        # changed at all are among the candidates already), and the latest versions by then.
+        fields = [*CONTACT_FIELDS, "updated_at"]
+        unchanged_by_then = (
+            sa.select(
+                sources.c.master_database,
+                sources.c.email,
+                sources.c.integration,
+                sources.c.hermes_id,
+                *(sources.c[name] for name in fields),
+            )
+            .join_from(dying, before, _same_key(before, dying))
+            .join(sources, sources.c.contact_id == before.c.id)
+            .where(
+                sources.c.deleted_at.is_(None),
+                sources.c.integration == self.integration,
+                sa.exists().where(versions.c.hermes_id == sources.c.hermes_id),
+                ~sa.exists().where(
+                    versions.c.hermes_id == sources.c.hermes_id, versions.c.part < dying.c.part
+                ),
+            )
+        )
+        later = versions.alias("later")
+        latest_by_then = (
+            sa.select(
+                md,
+                versions.c.email,
+                _text(self.integration),
+                versions.c.hermes_id,
+                *(versions.c[name] for name in fields),
+            )
+            .join_from(
+                dying,
+                versions,
+                sa.and_(dying.c.master_database == md, dying.c.email == versions.c.email),
+            )
+            .where(
+                versions.c.deleted_at.is_(None),
+                versions.c.part < dying.c.part,
+                ~sa.exists().where(
+                    later.c.hermes_id == versions.c.hermes_id,
+                    later.c.part > versions.c.part,
+                    later.c.part < dying.c.part,
+                ),
+            )
+        )
+        candidates = ms.candidates
+        columns = [column.name for column in candidates.columns]
+        conn.execute(
+            sa.insert(candidates).from_select(
+                columns, sa.union_all(unchanged_by_then, latest_by_then)
+            )
+        )
+
+    def _hops(self, clients: sa.ColumnElement[bool] | None = None) -> sa.Subquery:
+        """Each version of partitions merged together (of ``clients`` only, if given), with
+        the key of its client's previous version (the stored one for the first) and whether
+        that one was live."""
+        versions, md = ms.versions, _text(self.master_database)
+        chain = {"partition_by": versions.c.hermes_id, "order_by": versions.c.part}
+        live = versions.c.deleted_at.is_(None)
+        first = sa.func.row_number().over(**chain) == 1
+        query = sa.select(
+            versions.c.part,
+            versions.c.email,
+            live.label("live"),
+            sa.func.coalesce(versions.c.deleted_at, versions.c.updated_at).label("left_at"),
+            versions.c.updated_at,
+            sa.case((first, versions.c.old_master_database), else_=md).label("was_in"),
+            sa.case(
+                (first, versions.c.old_email), else_=sa.func.lag(versions.c.email).over(**chain)
+            ).label("was_email"),
+            sa.case((first, versions.c.old_live), else_=sa.func.lag(live).over(**chain)).label(
+                "was_live"
+            ),
+        )
+        return (query if clients is None else query.where(clients)).subquery("hops")
 
     def _merge_contacts(self) -> int:
         """Compute the content of every affected contact that has a live source; their count."""
@@ -1126,44 +1267,42 @@ class _Merge:
         _prepare_for_joins(conn, after, rows)  # all of its rows, not only the merged ones
         return rows
 
-    def _check_together(self) -> None:
-        """Raise ``_NotTogether`` if a contact loses its last live sources over several of the
-        partitions: merged one by one, the partitions before the last would have merged its
-        content again from the sources it still had."""
-        orphans, leavers = _orphaned_keys(), _leavers()
-        spread = (
-            sa.select(orphans.c.email)
-            .join_from(orphans, leavers, _same_key(leavers, orphans))
-            .where(leavers.c.parts > 1)
-            .limit(1)
-        )
-        if self.conn.scalar(spread) is not None:
-            raise _NotTogether("a contact loses its last live sources over several partitions")
-
     def _write_contacts(self, affected: int, new_at_least: int) -> _ContactCounts:
-        """Insert new contacts, update changed or revived ones, soft-delete orphaned ones."""
+        """Insert new contacts, update changed or revived ones, soft-delete those left without
+        live sources."""
         conn, contacts, before, after = self.conn, ms.master_contacts, ms.before, ms.after
+        dying = ms.dying
         now = sa.literal(self.now, UtcDateTime())
         content = [*CONTACT_FIELDS, "updated_at"]
-
-        new = sa.select(
-            after.c.master_database,
-            after.c.email,
-            *(after.c[name] for name in content),
-            now,
-        ).where(~sa.exists().where(_same_key(before, after)))
+        live_at_end: list[sa.ColumnElement[bool]] = []
+        if self.together:  # a contact created on the way may end deleted
+            rows = after.outerjoin(dying, _same_key(dying, after))
+            ending = [sa.func.coalesce(dying.c.updated_at, after.c.updated_at), dying.c.deleted_at]
+            live_at_end.append(~sa.exists().where(_same_key(dying, after)))
+        else:
+            rows, ending = after, [after.c.updated_at, sa.null()]
+        new = (
+            sa.select(
+                after.c.master_database,
+                after.c.email,
+                *(after.c[name] for name in CONTACT_FIELDS),
+                *ending,
+                now,
+            )
+            .select_from(rows)
+            .where(~sa.exists().where(_same_key(before, after)))
+        )
+        columns = ["master_database", "email", *CONTACT_FIELDS, "updated_at", "deleted_at"]
         with _indexes_rebuilt_for(conn, contacts, new_at_least):
             inserted = conn.execute(
-                sa.insert(contacts).from_select(
-                    ["master_database", "email", *content, "loaded_at"], new
-                )
+                sa.insert(contacts).from_select([*columns, "loaded_at"], new)
             ).rowcount
 
         revived = conn.scalar(
             sa.select(sa.func.count())
             .select_from(before)
             .join(after, _same_key(after, before))
-            .where(before.c.deleted_at.is_not(None))
+            .where(before.c.deleted_at.is_not(None), *live_at_end)
         )
         differs = sa.or_(
             contacts.c.deleted_at.is_not(None),
@@ -1171,32 +1310,53 @@ class _Merge:
         )
         rewritten = conn.execute(
             sa.update(contacts)
-            .where(contacts.c.id == before.c.id, _same_key(after, before), differs)
+            .where(contacts.c.id == before.c.id, _same_key(after, before), differs, *live_at_end)
             .values({name: after.c[name] for name in content})
             .values(deleted_at=None, loaded_at=now)
         ).rowcount
 
-        # A live contact left without live sources: every one of them changed in this load
-        # (deleted or moved to another email), so its deletion time is theirs.
-        orphans, leavers = _orphaned_keys(), _leavers()
-        orphaned = (
-            sa.select(before.c.id, leavers.c.deleted_at, leavers.c.updated_at)
-            .join_from(before, orphans, _same_key(orphans, before))
-            .join(leavers, _same_key(leavers, before))
-            .subquery()
-        )
-        deleted = conn.execute(
-            sa.update(contacts)
-            .where(contacts.c.id == orphaned.c.id)
-            .values(
-                deleted_at=orphaned.c.deleted_at, updated_at=orphaned.c.updated_at, loaded_at=now
+        if self.together:
+            # Deleted as the last of its sources left, with the content it had just before.
+            created = conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(dying)
+                .where(~sa.exists().where(_same_key(before, dying)))
             )
-        ).rowcount
+            deleted = conn.execute(
+                sa.update(contacts)
+                .where(
+                    contacts.c.id == before.c.id,
+                    _same_key(after, before),
+                    _same_key(dying, before),
+                )
+                .values({name: after.c[name] for name in CONTACT_FIELDS})
+                .values(updated_at=dying.c.updated_at, deleted_at=dying.c.deleted_at, loaded_at=now)
+            ).rowcount
+        else:
+            # A live contact left without live sources: every one of them changed in this load
+            # (deleted or moved to another email), so its deletion time is theirs.
+            created = 0
+            orphans, leavers = _orphaned_keys(), _leavers()
+            orphaned = (
+                sa.select(before.c.id, leavers.c.deleted_at, leavers.c.updated_at)
+                .join_from(before, orphans, _same_key(orphans, before))
+                .join(leavers, _same_key(leavers, before))
+                .subquery()
+            )
+            deleted = conn.execute(
+                sa.update(contacts)
+                .where(contacts.c.id == orphaned.c.id)
+                .values(
+                    deleted_at=orphaned.c.deleted_at,
+                    updated_at=orphaned.c.updated_at,
+                    loaded_at=now,
+                )
+            ).rowcount
         return _ContactCounts(
-            inserted=inserted,
+            inserted=inserted - created,
             updated=rewritten - revived,
             unchanged=affected - inserted - rewritten - deleted,
-            deleted=deleted,
+            deleted=deleted + created,
             revived=revived,
         )
 
@@ -1206,21 +1366,27 @@ class _Merge:
         versions = ["created_at", "updated_at", "deleted_at"]
         now = sa.literal(self.now, UtcDateTime())
         is_live = changed.c.deleted_at.is_(None)
-        contact_of_row = sa.and_(
-            contacts.c.master_database == self.master_database,
-            contacts.c.email == changed.c.email,
-        )
+
+        def contact_of(email: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+            return sa.and_(
+                contacts.c.master_database == self.master_database, contacts.c.email == email
+            )
+
+        contact_of_row = contact_of(changed.c.email)
+        # A source is linked to the contact of its live version; a tombstone to that of its last
+        # live version among partitions merged together, if it had one, else to none.
+        linked_email = sa.case((is_live, changed.c.email), else_=changed.c.last_live_email)
         inserted = (
             sa.select(
                 _text(self.integration),
                 changed.c.hermes_id,
                 contacts.c.id,
                 _text(self.master_database),
-                changed.c.email,
+                sa.func.coalesce(linked_email, changed.c.email),
                 *(changed.c[name] for name in (*CONTACT_FIELDS, *versions)),
                 now,
             )
-            .select_from(changed.outerjoin(contacts, sa.and_(is_live, contact_of_row)))
+            .select_from(changed.outerjoin(contacts, contact_of(linked_email)))
             .where(changed.c.is_new)
         )
         columns = [
@@ -1250,7 +1416,18 @@ class _Merge:
             )
         )
         # A tombstone keeps the source's last known email and contact, so that the contact is
-        # deleted only once all of its sources are.
+        # deleted only once all of its sources are: the stored ones, or those of its last live
+        # version among partitions merged together.
+        if self.together:
+            self.conn.execute(
+                sa.update(sources)
+                .where(replaces, ~is_live, contact_of(changed.c.last_live_email))
+                .values(
+                    contact_id=contacts.c.id,
+                    master_database=self.master_database,
+                    email=changed.c.last_live_email,
+                )
+            )
         self.conn.execute(
             sa.update(sources).where(replaces, ~is_live).values(version).values(loaded_at=now)
         )
@@ -1283,9 +1460,9 @@ def _prepare_for_joins(conn: Connection, table: sa.Table, rows: int) -> None:
         # Statistics of the joined and filtered columns only: the others cost time, not plans.
         conn.execute(sa.text(f"ANALYZE {_analyze_target(conn, table)}"))  # constant identifiers
     else:
-        # SQLite joins by looking rows up in an index.
+        # SQLite joins by looking rows up in an index (built once, kept up to date after).
         for index in table.indexes:
-            index.create(conn)
+            index.create(conn, checkfirst=True)
 
 
 def _analyze_target(conn: Connection, table: sa.Table) -> str:
@@ -1322,8 +1499,7 @@ def _orphaned_keys() -> sa.Subquery:
 
 def _leavers() -> sa.Subquery:
     """For each contact that changed sources fed before the load: when the last of them left
-    (``deleted_at``: deleted or moved to another email), their latest ``updated_at``, and over
-    how many of the staged partitions they left (``parts``).
+    (``deleted_at``: deleted or moved to another email) and their latest ``updated_at``.
 
     Aggregated before it is joined, so that the joins that follow are of a row per contact.
     """
@@ -1332,9 +1508,10 @@ def _leavers() -> sa.Subquery:
         sa.select(
             changed.c.old_master_database.label("master_database"),
             changed.c.old_email.label("email"),
-            sa.func.max(changed.c.left_at).label("deleted_at"),
-            sa.func.max(changed.c.left_updated_at).label("updated_at"),
-            sa.func.count(changed.c.left_part.distinct()).label("parts"),
+            sa.func.max(sa.func.coalesce(changed.c.deleted_at, changed.c.updated_at)).label(
+                "deleted_at"
+            ),
+            sa.func.max(changed.c.updated_at).label("updated_at"),
         )
         .where(changed.c.old_live)
         .group_by(changed.c.old_master_database, changed.c.old_email)

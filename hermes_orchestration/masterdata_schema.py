@@ -211,13 +211,54 @@ changed = _temp_table(
     sa.Column("old_master_database", sa.Text),
     sa.Column("old_email", sa.Text),
     sa.Column("old_live", sa.Boolean, nullable=False),  # the stored version fed a contact
-    # When the source left the contact its stored version fed (if it did): the partition, the
-    # deletion or update time, and the update time of the first of its versions merged.
-    sa.Column("left_part", sa.Integer, nullable=False),
-    sa.Column("left_at", UtcDateTime, nullable=False),
-    sa.Column("left_updated_at", UtcDateTime, nullable=False),
+    # A client deleted in the last of several partitions merged together: the email of its last
+    # live version among them (its tombstone keeps that email and contact). Its ``email`` is
+    # then that of its first version, which a new tombstone keeps if none of them was live.
+    sa.Column("last_live_email", sa.Text),
     index=("hermes_id",),
     filters=("email", "deleted_at", "is_new", "old_master_database", "old_email", "old_live"),
+)
+
+# Partitions merged together: every changed version of every client, in all of them (with the
+# stored version's key, as in ``changed``).
+versions = _temp_table(
+    "hermes_versions",
+    sa.Column("part", sa.Integer, nullable=False),
+    sa.Column("hermes_id", sa.Text, nullable=False),
+    sa.Column("email", sa.Text),
+    *_field_columns(),
+    *_version_columns(),
+    sa.Column("old_master_database", sa.Text),
+    sa.Column("old_email", sa.Text),
+    sa.Column("old_live", sa.Boolean, nullable=False),
+    index=("hermes_id",),
+    filters=("part", "email", "deleted_at"),
+)
+
+# Partitions merged together: each source joining (+1) or leaving (-1) a contact, in which
+# partition, and when a leaving one left (its deletion or update time, and its update time).
+moves = _temp_table(
+    "hermes_moves",
+    sa.Column("master_database", sa.Text, nullable=False),
+    sa.Column("email", sa.Text, nullable=False),
+    sa.Column("part", sa.Integer, nullable=False),
+    sa.Column("delta", sa.Integer, nullable=False),
+    sa.Column("left_at", UtcDateTime),
+    sa.Column("left_updated_at", UtcDateTime),
+    index=_KEY,
+    filters=("part", "delta"),
+)
+
+# Partitions merged together: the affected contacts without live sources at the end, with the
+# partition in which the last of them left, and when.
+dying = _temp_table(
+    "hermes_dying",
+    sa.Column("master_database", sa.Text, nullable=False),
+    sa.Column("email", sa.Text, nullable=False),
+    sa.Column("part", sa.Integer, nullable=False),
+    sa.Column("deleted_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    index=_KEY,
 )
 
 # The keys of every contact the load may change: of changed sources, before and after.
@@ -272,3 +313,5 @@ after = _temp_table(
 )
 
 MERGE_TABLES: tuple[sa.Table, ...] = (changed, affected, before, candidates, shared, after)
+# The working tables of a merge of several partitions together, in addition.
+GROUP_TABLES: tuple[sa.Table, ...] = (versions, moves, dying)

@@ -11,7 +11,7 @@ import bisect
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -519,11 +519,16 @@ def validate_clients(
 def _validation_groups(staging: PartitionStaging, keys: list[str]) -> Iterator[list[str]]:
     """Consecutive partitions validated together: small ones, up to a row group's rows in all
     (the rules cost as much per call as for thousands of rows); a larger one alone."""
+    return _consecutive(keys, lambda key: staging.rows(RAW, key), ROW_GROUP_ROWS)
+
+
+def _consecutive(keys: list[str], rows_of: Callable[[str], int], limit: int) -> Iterator[list[str]]:
+    """``keys`` in consecutive groups of at most ``limit`` rows in all (a larger one alone)."""
     group: list[str] = []
     rows = 0
     for key in keys:
-        count = staging.rows(RAW, key)
-        if group and rows + count > ROW_GROUP_ROWS:
+        count = rows_of(key)
+        if group and rows + count > limit:
             yield group
             group, rows = [], 0
         group.append(key)
@@ -679,41 +684,8 @@ def load_master_data(
 
 def _load_groups(staging: PartitionStaging, keys: list[str]) -> Iterator[list[str]]:
     """Consecutive partitions to merge in one transaction: at most ``LOAD_GROUP_ROWS`` valid
-    rows together (a larger partition alone), ending before a client comes back deleted or
-    under another email (its versions in between would matter: the store would then merge the
-    partitions one by one anyway)."""
-    group: list[str] = []
-    emails: dict[str, str | None] = {}  # each client's email in the group; None: deleted
-    rows = 0
-    for key in keys:
-        count = staging.rows(VALID, key)
-        if group and rows + count > LOAD_GROUP_ROWS:
-            yield group
-            group, emails, rows = [], {}, 0
-        if count < LOAD_GROUP_ROWS and len(keys) > 1:
-            versions = _versions(staging.read(VALID, key, columns=_VERSION_COLUMNS))
-            if any(
-                client in emails and (email is None or emails[client] != email)
-                for client, email in versions.items()
-            ):
-                yield group
-                group, emails, rows = [], {}, 0
-            emails.update(versions)
-        group.append(key)
-        rows += count
-    if group:
-        yield group
-
-
-_VERSION_COLUMNS = ["hermes_id", "email", "deleted_at"]
-
-
-def _versions(valid: pa.Table) -> dict[str, str | None]:
-    """Each client's email in a partition's valid rows, as the master data keys it; None for a
-    deleted client."""
-    email = pc.utf8_lower(pc.utf8_trim_whitespace(valid.column("email")))
-    email = pc.if_else(pc.is_null(valid.column("deleted_at")), email, pa.scalar(None, pa.string()))
-    return dict(zip(valid.column("hermes_id").to_pylist(), email.to_pylist(), strict=True))
+    rows together (a larger partition alone)."""
+    return _consecutive(keys, lambda key: staging.rows(VALID, key), LOAD_GROUP_ROWS)
 
 
 def _reason_counts(rejected: pa.Table) -> dict[str, int]:

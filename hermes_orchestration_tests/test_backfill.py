@@ -201,8 +201,10 @@ def test_a_range_run_has_postgresql_measure_the_growing_tables_between_partition
     tmp_path, monkeypatch, simulator, state_dir
 ) -> None:
     # Statistics of empty tables make the planner join a grown table by nested loops; a range
-    # run refreshes them once the loaded rows pass a threshold (here: right after the first).
+    # run refreshes them once the loaded rows pass a threshold (here: right after the first
+    # merge, of one partition).
     monkeypatch.setattr("hermes_orchestration.sync.REFRESH_STATISTICS_ROWS", 1)
+    monkeypatch.setattr("hermes_orchestration.sync.LOAD_GROUP_ROWS", 1)
     with fresh_postgres() as url:
         monkeypatch.setenv("HERMES_MASTERDATA_URL", url)
         config = write_integrations(tmp_path, monkeypatch, simulator, {"tienda_rango": ""})

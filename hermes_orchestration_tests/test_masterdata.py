@@ -1319,34 +1319,67 @@ def test_a_failed_load_of_partitions_together_writes_nothing(store: MasterDataSt
     assert snapshot(store) == before
 
 
-def test_a_failure_after_partitions_merged_one_by_one_names_those_that_stay_merged(
+def test_partitions_in_which_a_client_changes_email_are_merged_in_one_transaction(
     store: MasterDataStore,
 ) -> None:
-    # Client 1 changes email between p1 and p2: they are merged one by one, and p2 fails.
+    load(store, "tienda_norte", "p0", client("9", "cata@example.cl", 0))
+    before = snapshot(store)
     group = [
         PartitionRows("p1", clean_table([client("1", "ana@example.cl", 1)]), NO_REJECTS, "c1"),
         PartitionRows("p2", clean_table([client("1", "bea@example.cl", 2)]), NO_REJECTS, "c2"),
+        PartitionRows("p3", clean_table([client("9", None, 3, deleted=True)]), NO_REJECTS, "c3"),
     ]
-    merges = []  # the merge of both together, of p1, of p2
+    merges = []
 
-    def fail_the_third_merge(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def fail_the_last_write(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if statement.lstrip().startswith("INSERT INTO hermes_changed"):
             merges.append(statement)
-            if len(merges) == 3:
-                raise sa.exc.OperationalError(statement, {}, Exception("injected failure"))
+        if statement.lstrip().startswith("INSERT INTO partition_loads"):
+            raise sa.exc.OperationalError(statement, {}, Exception("injected failure"))
 
-    sa.event.listen(store.engine, "before_cursor_execute", fail_the_third_merge)
+    sa.event.listen(store.engine, "before_cursor_execute", fail_the_last_write)
     try:
-        with pytest.raises(MasterDataError) as failure:
+        with pytest.raises(MasterDataError, match="rolled back, nothing of it was written"):
             load_together(store, "tienda_norte", group)
     finally:
-        sa.event.remove(store.engine, "before_cursor_execute", fail_the_third_merge)
-    assert "partitions ['p1'] were merged before the failure, the rest was not" in str(
-        failure.value
-    )
-    assert "ana@example.cl" in live_contacts(store)
-    assert "bea@example.cl" not in contacts(store)
-    assert [row["partition_key"] for row in rows(store, ms.partition_loads)] == ["p1"]
+        sa.event.remove(store.engine, "before_cursor_execute", fail_the_last_write)
+    assert len(merges) == 1  # one merge, of the three partitions
+    assert snapshot(store) == before
+
+    result = load_together(store, "tienda_norte", group)
+    # Merged one by one, p1 creates ana@ and p2 moves the client to bea@, deleting ana@ then.
+    assert contacts(store)["ana@example.cl"]["deleted_at"] == at(2)
+    assert live_contacts(store).keys() == {"bea@example.cl"}
+    assert contacts(store)["cata@example.cl"]["deleted_at"] == at(3)
+    assert (result.contacts_inserted, result.contacts_deleted) == (1, 2)
+    assert [row["partition_key"] for row in rows(store, ms.partition_loads)] == ["p1", "p2", "p3"]
+
+
+@pytest.mark.parametrize("backend_url", BACKENDS, indirect=True)
+def test_a_later_partitions_older_version_changes_nothing_when_merged_together_too(
+    backend_url: str, tmp_path: Path
+) -> None:
+    group = [
+        PartitionRows(
+            "p1", clean_table([client("1", "ana@example.cl", 5, city="Talca")]), NO_REJECTS
+        ),
+        PartitionRows(
+            "p2",
+            clean_table([client("1", "bea@example.cl", 3, city="Old"), client("2", "c@x.cl", 4)]),
+            NO_REJECTS,
+        ),
+    ]
+    one_by_one = MasterDataStore(default_masterdata_url(tmp_path / "one"))
+    one_by_one.ensure_schema()
+    for partition in group:
+        load_together(one_by_one, "tienda_norte", [partition])
+    together = MasterDataStore(backend_url)
+    together.ensure_schema()
+    load_together(together, "tienda_norte", group)
+    assert stored_content(together) == stored_content(one_by_one)
+    assert live_contacts(together)["ana@example.cl"]["city"] == "Talca"
+    one_by_one.dispose()
+    together.dispose()
 
 
 def test_partitions_listed_twice_in_one_load_are_refused(store: MasterDataStore) -> None:

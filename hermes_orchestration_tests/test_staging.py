@@ -216,36 +216,22 @@ def test_a_range_files_late_rows_under_their_partition_with_the_digest_of_all_it
     assert staged.counts == [3, 1, 1, 0]
 
 
-def test_a_range_loads_consecutive_partitions_together_until_a_client_comes_back_changed(
+def test_a_range_loads_consecutive_partitions_together_up_to_a_number_of_rows(
     staging, monkeypatch
 ) -> None:
     monkeypatch.setattr(sync, "LOAD_GROUP_ROWS", 6)
-    versions = {
-        "2026-11-01": [("1", "a@x.cl"), ("2", "b@x.cl")],
-        "2026-11-02": [("3", "c@x.cl"), ("1", " A@X.cl ")],  # 1 again, same email: together
-        "2026-11-03": [("2", "otro@x.cl"), ("4", "d@x.cl")],  # 2 under another email
-        "2026-11-04": [("4", None)],  # 4 deleted
-        "2026-11-05": [(str(n), f"{n}@x.cl") for n in range(5, 11)],  # 1 + 6 rows: more than 6
-        "2026-11-06": [(str(n), f"{n}@x.cl") for n in range(11, 18)],  # 7 rows: alone
-        "2026-11-07": [("1", "a@x.cl")],
-    }
+    rows = {"2026-11-01": 2, "2026-11-02": 2, "2026-11-03": 2, "2026-11-04": 1}
+    rows["2026-11-05"] = 7  # more than 6: alone
+    rows["2026-11-06"] = 0
+    rows["2026-11-07"] = 6
     with staging.transaction() as writes:
-        for key, rows in versions.items():
-            table = pa.table(
-                {
-                    "hermes_id": [client for client, _ in rows],
-                    "email": [email or "gone@x.cl" for _, email in rows],
-                    "deleted_at": [None if email else 1 for _, email in rows],
-                }
-            )
-            writes.write("validated_clients", key, table)
-    assert list(sync._load_groups(staging, list(versions))) == [
-        ["2026-11-01", "2026-11-02"],
-        ["2026-11-03"],
+        for key, count in rows.items():
+            writes.write("validated_clients", key, numbers(0, count))
+    assert list(sync._load_groups(staging, list(rows))) == [
+        ["2026-11-01", "2026-11-02", "2026-11-03"],
         ["2026-11-04"],
         ["2026-11-05"],
-        ["2026-11-06"],
-        ["2026-11-07"],
+        ["2026-11-06", "2026-11-07"],
     ]
 
 
