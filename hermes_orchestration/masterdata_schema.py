@@ -185,6 +185,14 @@ def _version_columns() -> list[sa.Column[Any]]:
     ]
 
 
+def _key_columns() -> list[sa.Column[Any]]:
+    """A contact's key: its master database and email."""
+    return [
+        sa.Column("master_database", sa.Text, nullable=False),
+        sa.Column("email", sa.Text, nullable=False),
+    ]
+
+
 # The valid rows of the partitions loaded together, as loaded; `part` is the position of their
 # partition among them, `ordinal` the position in the input.
 stage = _temp_table(
@@ -239,8 +247,7 @@ versions = _temp_table(
 # partition, and when a leaving one left (its deletion or update time, and its update time).
 moves = _temp_table(
     "hermes_moves",
-    sa.Column("master_database", sa.Text, nullable=False),
-    sa.Column("email", sa.Text, nullable=False),
+    *_key_columns(),
     sa.Column("part", sa.Integer, nullable=False),
     sa.Column("delta", sa.Integer, nullable=False),
     sa.Column("left_at", UtcDateTime),
@@ -253,8 +260,7 @@ moves = _temp_table(
 # partition in which the last of them left, and when.
 dying = _temp_table(
     "hermes_dying",
-    sa.Column("master_database", sa.Text, nullable=False),
-    sa.Column("email", sa.Text, nullable=False),
+    *_key_columns(),
     sa.Column("part", sa.Integer, nullable=False),
     sa.Column("deleted_at", UtcDateTime, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
@@ -264,8 +270,7 @@ dying = _temp_table(
 # The keys of every contact the load may change: of changed sources, before and after.
 affected = _temp_table(
     "hermes_affected",
-    sa.Column("master_database", sa.Text, nullable=False),
-    sa.Column("email", sa.Text, nullable=False),
+    *_key_columns(),
     index=_KEY,
 )
 
@@ -273,8 +278,7 @@ affected = _temp_table(
 before = _temp_table(
     "hermes_before",
     sa.Column("id", sa.Integer, nullable=False),
-    sa.Column("master_database", sa.Text, nullable=False),
-    sa.Column("email", sa.Text, nullable=False),
+    *_key_columns(),
     *_field_columns(),
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.Column("deleted_at", UtcDateTime),
@@ -285,8 +289,7 @@ before = _temp_table(
 # The live sources of the affected contacts, as they will be after the load.
 candidates = _temp_table(
     "hermes_candidates",
-    sa.Column("master_database", sa.Text, nullable=False),
-    sa.Column("email", sa.Text, nullable=False),
+    *_key_columns(),
     sa.Column("integration", sa.Text, nullable=False),
     sa.Column("hermes_id", sa.Text, nullable=False),
     *_field_columns(),
@@ -297,16 +300,14 @@ candidates = _temp_table(
 # Contacts with more than one live source: only these need the field-by-field merge.
 shared = _temp_table(
     "hermes_shared",
-    sa.Column("master_database", sa.Text, nullable=False),
-    sa.Column("email", sa.Text, nullable=False),
+    *_key_columns(),
     index=_KEY,
 )
 
 # The merged content of every affected contact that has a live source.
 after = _temp_table(
     "hermes_after",
-    sa.Column("master_database", sa.Text, nullable=False),
-    sa.Column("email", sa.Text, nullable=False),
+    *_key_columns(),
     *_field_columns(),
     sa.Column("updated_at", UtcDateTime, nullable=False),
     index=_KEY,
