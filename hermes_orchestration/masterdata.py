@@ -1,4 +1,5 @@
-"""Loads validated Hermes clients into the icomm master database, one transaction per partition.
+"""Loads validated Hermes clients into the icomm master database, one transaction per load (of
+one partition, or of consecutive partitions together).
 
 A load copies the partition's valid rows into a temporary table (``COPY`` on PostgreSQL,
 ``executemany`` on SQLite) and then merges them with set-based SQL, in one transaction:
@@ -16,6 +17,8 @@ A load copies the partition's valid rows into a temporary table (``COPY`` on Pos
 Empty values ('' or an empty JSON object) are stored as null, so they never hide another source's
 value. On PostgreSQL, loads of one master database are serialized by an advisory lock; on SQLite
 by ``BEGIN IMMEDIATE``. Either way concurrent loads give the result of loading one after the other.
+On PostgreSQL a load that adds more rows to a master table than it holds builds the table's
+indexes after its insert rather than updating them row by row (``_indexes_rebuilt_for``).
 """
 
 from __future__ import annotations
@@ -270,9 +273,9 @@ class MasterDataStore:
                 try:
                     staged = _stage(conn, [partition.valid for partition in partitions])
                     parts = [
-                        _Part(index, partition.key, rows, rows_rejected, partition.content)
-                        for index, (partition, rows, rows_rejected) in enumerate(
-                            zip(partitions, staged, rejected, strict=True)
+                        _Part(partition.key, rows, rows_rejected, partition.content)
+                        for partition, rows, rows_rejected in zip(
+                            partitions, staged, rejected, strict=True
                         )
                     ]
                     merge = _Merge(conn, integration, master_database, parts)
@@ -750,9 +753,8 @@ def _drop_stage(conn: Connection) -> None:
 
 @dataclass(frozen=True)
 class _Part:
-    """A staged partition of a load."""
+    """A staged partition of a load (its ``part`` in the stage table is its position)."""
 
-    index: int  # its ``part`` in the stage table
     key: str
     rows: int
     rejected: pa.Table  # ``rejected_clients`` columns
