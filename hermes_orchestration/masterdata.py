@@ -1056,8 +1056,13 @@ class _Merge:
         md = _text(self.master_database)
         columns = [column.name for column in moves.columns]
         # Only a contact that a source leaves can end without live sources: the others' joins
-        # are not counted.
-        hops = self._hops()
+        # are not counted. And only a client stored live, or with several versions, can leave.
+        several = (
+            sa.select(versions.c.hermes_id)
+            .group_by(versions.c.hermes_id)
+            .having(sa.func.count() > 1)
+        )
+        hops = self._hops(sa.or_(versions.c.old_live, versions.c.hermes_id.in_(several)))
         moved = sa.or_(hops.c.was_in != md, hops.c.was_email != hops.c.email)
         leaves = sa.select(
             hops.c.was_in, hops.c.was_email, hops.c.part, sa.literal(-1), hops.c.left_at,
