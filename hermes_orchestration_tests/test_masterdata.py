@@ -812,9 +812,10 @@ def test_indexes_that_other_tables_depend_on_stay_in_place_during_a_large_load(
 
 
 @pytest.mark.postgres
-def test_large_first_loads_of_two_master_databases_at_once_both_succeed(
-    postgres_masterdata_url: str, rebuild_from: Any
+def test_large_first_loads_of_two_master_databases_at_once_both_succeed_without_waiting(
+    postgres_masterdata_url: str, rebuild_from: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="hermes_orchestration.masterdata")
     rebuild_from(3)
     empty_postgres_store(postgres_masterdata_url).dispose()
     stores = [MasterDataStore(postgres_masterdata_url) for _ in range(2)]
@@ -832,6 +833,9 @@ def test_large_first_loads_of_two_master_databases_at_once_both_succeed(
     assert [result.contacts_inserted for result in results] == [300, 300]
     for index in range(2):
         assert len(live_contacts(stores[0], f"db{index}")) == 300
+    # Neither waited for the other's lock: PostgreSQL found no deadlock, no merge was retried.
+    assert "deadlock" not in caplog.text
+    assert "Retrying the master data merge" not in caplog.text
     for store in stores:
         store.dispose()
 
