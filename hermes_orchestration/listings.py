@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from hermes_orchestration.fingerprints import CONTENT_KEY, code_digest
+from hermes_orchestration.records import encode
 from hermes_orchestration.staging import RAW, PartitionStaging
 
 _VERSION = 1
@@ -58,7 +59,7 @@ def page_digest(records: list[Any]) -> str | None:
     """A digest of a page's records as decoded (its body holds a cursor that differs each time);
     None for records nested too deeply to encode again (records.TOO_DEEP)."""
     try:
-        encoded = orjson.dumps(records, option=orjson.OPT_NON_STR_KEYS)
+        encoded = encode(records)
     except orjson.JSONEncodeError:
         return None
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()

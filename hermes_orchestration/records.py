@@ -103,9 +103,19 @@ REJECTED_SCHEMA = pa.schema(
 TOO_DEEP = "<value nested too deeply to store>"
 
 
+def encode(value: Any) -> bytes:
+    """``value`` as compact JSON. Decoded JSON has text keys only, and orjson encodes those four
+    times faster without ``OPT_NON_STR_KEYS`` (a cost per call): the option is the fallback for
+    other keys. Raises orjson.JSONEncodeError for a value nested too deeply."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
 def _dumps(value: Any) -> str:
     try:
-        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+        return encode(value).decode()
     except orjson.JSONEncodeError:
         return orjson.dumps(TOO_DEEP).decode()
 
@@ -120,7 +130,7 @@ def _as_text(value: Any) -> str | None:
 
 def _record_text(record: Mapping[str, Any]) -> str:
     try:
-        return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS).decode()
+        return encode(record).decode()
     except orjson.JSONEncodeError:
         # Keep every property that can be stored; only the too-deep values are replaced.
         return orjson.dumps(
@@ -166,7 +176,8 @@ def _typed_batch(records: Sequence[dict[str, Any]]) -> pa.RecordBatch:
     else:
         columns["unknown_fields"] = pa.array([_unknown(record) for record in records], pa.string())
     # As bytes, checked as UTF-8 by Arrow: a third faster than decoding each into a str first.
-    encoded = [dumps(record, option=orjson.OPT_NON_STR_KEYS) for record in records]
+    # (A key that is not text fails here, and the general path encodes it.)
+    encoded = [dumps(record) for record in records]
     columns["record"] = pa.array(encoded, pa.binary()).cast(pa.string())
     return pa.RecordBatch.from_arrays(
         [columns[name] for name in RAW_SCHEMA.names], schema=RAW_SCHEMA
@@ -177,7 +188,7 @@ def _unknown(record: Mapping[str, Any]) -> str | None:
     if not record.keys() - _KNOWN:
         return None
     extra = {key: item for key, item in record.items() if key not in _KNOWN}
-    return orjson.dumps(extra, option=orjson.OPT_NON_STR_KEYS).decode()
+    return encode(extra).decode()
 
 
 def _general_batch(records: Iterable[Any]) -> pa.RecordBatch:
