@@ -778,6 +778,8 @@ class _Merge:
         self.parts = parts
         self.together = len(parts) > 1
         self.now = datetime.now(UTC)  # the load time, set again by each attempt
+        # The live sources of the affected contacts once the load is done (_collect_affected).
+        self.candidates: sa.Table | sa.Subquery = ms.candidates
 
     def run(self) -> LoadResult:
         """Merge and count; the caller commits."""
@@ -798,9 +800,12 @@ class _Merge:
             affected, stored = self._collect_affected()
             if self.together:
                 self._collect_dying()
-            merged = self._merge_contacts()
-            # At least this many contacts are new: those merged beyond the ones stored.
-            contacts = self._write_contacts(affected, new_at_least=merged - stored)
+            if stored or self.together:
+                merged = self._merge_contacts()
+                # At least this many contacts are new: those merged beyond the ones stored.
+                contacts = self._write_contacts(affected, new_at_least=merged - stored)
+            else:  # a first load, say: every affected contact is new
+                contacts = self._insert_merged_contacts(affected)
             self._write_sources(new=sources_inserted)
             table = ms.master_databases
             conn.execute(
@@ -1032,15 +1037,21 @@ class _Merge:
             .where(sources.c.deleted_at.is_(None), ~replaced)
         )
         incoming = sa.select(
-            _text(self.master_database),
+            _text(self.master_database).label("master_database"),
             changed.c.email,
-            _text(self.integration),
+            _text(self.integration).label("integration"),
             changed.c.hermes_id,
             *(changed.c[name] for name in CONTACT_FIELDS),
             changed.c.updated_at,
         ).where(changed.c.deleted_at.is_(None))
-        columns = [c.name for c in ms.candidates.columns]
-        _fill(conn, ms.candidates, columns, sa.union_all(stored, incoming))
+        if stored_count == 0 and not self.together:
+            # No affected contact is stored (a first load, say): the candidates are the load's
+            # own live rows, read where they are rather than copied.
+            self.candidates = incoming.subquery("candidates")
+        else:
+            self.candidates = ms.candidates
+            columns = [c.name for c in ms.candidates.columns]
+            _fill(conn, ms.candidates, columns, sa.union_all(stored, incoming))
         return count, stored_count
 
     def _collect_dying(self) -> None:
@@ -1222,8 +1233,15 @@ class _Merge:
         return (query if clients is None else query.where(clients)).subquery("hops")
 
     def _merge_contacts(self) -> int:
-        """Compute the content of every affected contact that has a live source; their count."""
-        conn, candidates, shared, after = self.conn, ms.candidates, ms.shared, ms.after
+        """Note the content of every affected contact that has a live source; their count."""
+        columns = ["master_database", "email", *CONTACT_FIELDS, "updated_at"]
+        rows = self.conn.execute(sa.insert(ms.after).from_select(columns, self._merged())).rowcount
+        _prepare_for_joins(self.conn, ms.after, rows)
+        return rows
+
+    def _merged(self) -> sa.CompoundSelect:
+        """The content of every affected contact that has a live source (``after``'s columns)."""
+        conn, candidates, shared = self.conn, self.candidates, ms.shared
         key = [candidates.c.master_database, candidates.c.email]
         several = sa.select(*key).group_by(*key).having(sa.func.count() > 1)
         _fill(conn, shared, ["master_database", "email"], several)
@@ -1232,7 +1250,6 @@ class _Merge:
         single = sa.select(*(candidates.c[name] for name in columns)).where(
             ~sa.exists().where(_same_key(shared, candidates))
         )
-        alone = conn.execute(sa.insert(after).from_select(columns, single)).rowcount
 
         # The others: find for each field the latest instant at which a source has a value,
         # then take the value of that source. Sources updated at the same instant are told apart
@@ -1270,9 +1287,41 @@ class _Merge:
             .join_from(candidates, latest, _same_key(latest, candidates))
             .group_by(latest.c.master_database, latest.c.email)
         )
-        rows = alone + conn.execute(sa.insert(after).from_select(columns, merged)).rowcount
-        _prepare_for_joins(conn, after, rows)  # all of its rows, not only the merged ones
-        return rows
+        return sa.union_all(single, merged)
+
+    def _insert_merged_contacts(self, affected: int) -> _ContactCounts:
+        """When none of the affected contacts is stored: insert every merged one, as it is
+        computed (nothing else reads it)."""
+        after = self._merged().subquery("after")
+        inserted = self._insert_contacts(after, [after.c.updated_at, sa.null()], affected)
+        return _ContactCounts(inserted=inserted, unchanged=affected - inserted)
+
+    def _insert_contacts(
+        self,
+        after: sa.FromClause,
+        ending: list[sa.ColumnElement[Any]],
+        at_least: int,
+        *,
+        rows: sa.FromClause | None = None,
+        where: sa.ColumnElement[bool] | None = None,
+    ) -> int:
+        """Insert as new contacts the contents in ``after`` (of ``rows``, if given, a join of
+        it) with ``ending`` (updated_at, deleted_at), at least ``at_least`` of them; how many."""
+        new = sa.select(
+            after.c.master_database,
+            after.c.email,
+            *(after.c[name] for name in CONTACT_FIELDS),
+            *ending,
+            sa.literal(self.now, UtcDateTime()),
+        ).select_from(after if rows is None else rows)
+        if where is not None:
+            new = new.where(where)
+        columns = [
+            "master_database", "email", *CONTACT_FIELDS, "updated_at", "deleted_at", "loaded_at",
+        ]  # fmt: skip
+        contacts = ms.master_contacts
+        with _indexes_rebuilt_for(self.conn, contacts, at_least):
+            return self.conn.execute(sa.insert(contacts).from_select(columns, new)).rowcount
 
     def _write_contacts(self, affected: int, new_at_least: int) -> _ContactCounts:
         """Insert new contacts, update changed or revived ones, soft-delete those left without
@@ -1288,22 +1337,13 @@ class _Merge:
             live_at_end.append(~sa.exists().where(_same_key(dying, after)))
         else:
             rows, ending = after, [after.c.updated_at, sa.null()]
-        new = (
-            sa.select(
-                after.c.master_database,
-                after.c.email,
-                *(after.c[name] for name in CONTACT_FIELDS),
-                *ending,
-                now,
-            )
-            .select_from(rows)
-            .where(~sa.exists().where(_same_key(before, after)))
+        inserted = self._insert_contacts(
+            after,
+            ending,
+            new_at_least,
+            rows=rows,
+            where=~sa.exists().where(_same_key(before, after)),
         )
-        columns = ["master_database", "email", *CONTACT_FIELDS, "updated_at", "deleted_at"]
-        with _indexes_rebuilt_for(conn, contacts, new_at_least):
-            inserted = conn.execute(
-                sa.insert(contacts).from_select([*columns, "loaded_at"], new)
-            ).rowcount
 
         revived = conn.scalar(
             sa.select(sa.func.count())
@@ -1490,6 +1530,7 @@ def _tune_planner(conn: Connection) -> None:
         # which is for spinning disks). With it, a small partition is matched to a large
         # master database by index, not by scanning every contact.
         conn.execute(sa.text("SET LOCAL random_page_cost = 1.1"))
+        conn.execute(sa.text("SET LOCAL default_statistics_target = 10"))
 
 
 def _orphaned_keys() -> sa.Subquery:
@@ -1526,5 +1567,7 @@ def _leavers() -> sa.Subquery:
     )
 
 
-def _same_key(left: sa.Table | sa.Subquery, right: sa.Table) -> sa.ColumnElement[bool]:
+def _same_key(
+    left: sa.Table | sa.Subquery, right: sa.Table | sa.Subquery
+) -> sa.ColumnElement[bool]:
     return sa.and_(left.c.master_database == right.c.master_database, left.c.email == right.c.email)
