@@ -1530,6 +1530,8 @@ def _tune_planner(conn: Connection) -> None:
         # which is for spinning disks). With it, a small partition is matched to a large
         # master database by index, not by scanning every contact.
         conn.execute(sa.text("SET LOCAL random_page_cost = 1.1"))
+        # Working tables are analyzed for their sizes and how many distinct keys they hold: a
+        # sample of 3,000 rows tells that as well as the default 30,000, in a fifth of the time.
         conn.execute(sa.text("SET LOCAL default_statistics_target = 10"))
 
 
