@@ -498,10 +498,9 @@ def _blank_to_null(column: pa.ChunkedArray, blanks: pa.Array) -> pa.ChunkedArray
     return pc.if_else(is_blank, _NULL_TEXT, column)
 
 
-def _stage_columns(batch: pa.RecordBatch | pa.Table) -> pa.Table:
-    """A batch of valid rows as ``hermes_stage`` columns (without ``ordinal``)."""
-    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-    table = _conform(table, CLEAN_SCHEMA, "valid")
+def _stage_columns(table: pa.Table) -> pa.Table:
+    """Valid rows (``CLEAN_SCHEMA``) as ``hermes_stage`` columns (without ``part`` and
+    ``ordinal``)."""
     email = pc.utf8_lower(pc.utf8_trim_whitespace(table.column("email")))
     email = _blank_to_null(email, _TEXT_BLANKS)
     live_without_email = pc.and_(pc.is_null(table.column("deleted_at")), pc.is_null(email))
@@ -524,11 +523,13 @@ def _stage_columns(batch: pa.RecordBatch | pa.Table) -> pa.Table:
     return pa.table(columns)
 
 
-def _valid_batches(valid: pa.Table | Iterable[pa.RecordBatch]) -> Iterator[pa.Table]:
+def _valid_tables(valid: pa.Table | Iterable[pa.RecordBatch]) -> Iterator[pa.Table]:
+    """The valid rows of a partition in ``CLEAN_SCHEMA`` tables of at most ``_BATCH_ROWS``."""
     items = valid.to_batches(max_chunksize=_BATCH_ROWS) if isinstance(valid, pa.Table) else valid
     for item in items:
         if item.num_rows:
-            yield _stage_columns(item)
+            table = item if isinstance(item, pa.Table) else pa.Table.from_batches([item])
+            yield _conform(table, CLEAN_SCHEMA, "valid")
 
 
 def _rejected_rows(rejected: pa.Table, integration: str, partition_key: str) -> pa.Table:
@@ -569,6 +570,8 @@ def _copy(conn: Connection, table: sa.Table, data: pa.Table) -> None:
             # Arrow formats a zoned timestamp a hundred times slower than this text with offset.
             text = pc.binary_join_element_wise(_utc_text(data.column(index)), "+00:00", "")
             data = data.set_column(index, field.name, text)
+    # pyarrow writes a few kilobytes of garbage for an empty chunk: those are left out.
+    data = pa.Table.from_batches([b for b in data.to_batches() if b.num_rows], data.schema)
     buffer = io.BytesIO()
     pacsv.write_csv(data, buffer, _CSV_OPTIONS)
     statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
@@ -702,23 +705,38 @@ def _stage(
         _tune_planner(conn)
         conn.execute(DropTable(stage, if_exists=True))
         conn.execute(CreateTable(stage))
+        # The small partitions of a range run are converted and copied together.
+        pending: list[tuple[int, pa.Table]] = []  # (part, its valid rows)
+
+        def copy_pending() -> None:
+            nonlocal ordinal
+            if not pending:
+                return
+            batch = _stage_columns(pa.concat_tables([table for _, table in pending]))
+            count = batch.num_rows
+            numbers = pa.array(range(ordinal, ordinal + count), pa.int64())
+            parts = pa.concat_arrays(
+                [pa.repeat(pa.scalar(part, pa.int32()), table.num_rows) for part, table in pending]
+            )
+            _bulk_insert(
+                conn, stage, batch.add_column(0, "ordinal", numbers).add_column(0, "part", parts)
+            )
+            ordinal += count
+            pending.clear()
+
         for part, valid in enumerate(partitions):
-            first = ordinal
+            count = 0
             part_ids: list[pa.Array] = []
-            for batch in _valid_batches(valid):
-                count = batch.num_rows
-                numbers = pa.array(range(ordinal, ordinal + count), pa.int64())
-                parts = pa.array([part] * count, pa.int32())
-                _bulk_insert(
-                    conn,
-                    stage,
-                    batch.add_column(0, "ordinal", numbers).add_column(0, "part", parts),
-                )
-                part_ids.extend(batch.column("hermes_id").chunks)
-                ordinal += count
-            rows.append(ordinal - first)
+            for table in _valid_tables(valid):
+                if pending and sum(t.num_rows for _, t in pending) + table.num_rows > _BATCH_ROWS:
+                    copy_pending()
+                pending.append((part, table))
+                part_ids.extend(table.column("hermes_id").chunks)
+                count += table.num_rows
+            rows.append(count)
             if part_ids:
                 distinct += pc.count_distinct(pa.chunked_array(part_ids)).as_py()
+        copy_pending()
         _prepare_for_joins(conn, stage, ordinal)
         if distinct < ordinal:
             # A client listed twice in a partition keeps its newest version there (the last one
@@ -880,10 +898,9 @@ class _Merge:
                 table.c.integration == self.integration, table.c.partition_key.in_(keys)
             )
         )
-        for part in self.parts:
-            rows = part.rejected
-            rejected_at = pa.array([self.now] * rows.num_rows, pa.timestamp("us", tz="UTC"))
-            _bulk_insert(self.conn, table, rows.append_column("rejected_at", rejected_at))
+        rows = pa.concat_tables([part.rejected for part in self.parts])
+        rejected_at = pa.repeat(pa.scalar(self.now, pa.timestamp("us", tz="UTC")), rows.num_rows)
+        _bulk_insert(self.conn, table, rows.append_column("rejected_at", rejected_at))
 
     def _collect_changed(self) -> tuple[int, int]:
         """Keep the staged rows newer than their stored version; (new, updated) source counts."""

@@ -530,6 +530,35 @@ def test_a_stream_of_batches_loads_like_a_table(store: MasterDataStore) -> None:
 # --- Rejected rows ---------------------------------------------------------------------------
 
 
+def test_rows_in_tables_with_empty_chunks_are_stored_exactly(store: MasterDataStore) -> None:
+    # Tables put together from several partitions or row groups may hold empty chunks.
+    def with_empty_chunk(table: pa.Table) -> pa.Table:
+        return pa.concat_tables([table.schema.empty_table(), table, table.schema.empty_table()])
+
+    partitions = [
+        PartitionRows(
+            key,
+            with_empty_chunk(clean_table([client(hermes_id, f"{hermes_id}@example.cl", 1)])),
+            with_empty_chunk(rejected_table(f"bad-{hermes_id}")),
+        )
+        for key, hermes_id in (("p1", "1"), ("p2", "2"))
+    ]
+    nothing = PartitionRows("p0", clean_table([]), rejected_table())
+    store.load_partitions(
+        integration="tienda_norte", master_database=MASTER_DB, partitions=[nothing, *partitions]
+    )
+
+    assert sorted(contacts(store)) == ["1@example.cl", "2@example.cl"]
+    stored = sorted(
+        (row["partition_key"], row["hermes_id"], row["record"])
+        for row in rows(store, ms.rejected_clients)
+    )
+    assert stored == [
+        ("p1", "bad-1", '{"id": "bad-1", "email": "nope"}'),
+        ("p2", "bad-2", '{"id": "bad-2", "email": "nope"}'),
+    ]
+
+
 def test_rejected_rows_of_a_partition_are_replaced_not_accumulated(
     store: MasterDataStore,
 ) -> None:
