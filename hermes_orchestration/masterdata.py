@@ -796,7 +796,7 @@ class _Merge:
         self.parts = parts
         self.together = len(parts) > 1
         self.now = datetime.now(UTC)  # the load time, set again by each attempt
-        # The live sources of the affected contacts once the load is done (_collect_affected).
+        # The live sources of the affected contacts once the load is done.
         self.candidates: sa.Table | sa.Subquery = ms.candidates
 
     def run(self) -> LoadResult:
@@ -811,20 +811,22 @@ class _Merge:
         for table in tables:
             conn.execute(DropTable(table, if_exists=True))
             conn.execute(CreateTable(table))
-        sources_inserted, sources_updated = self._collect_changed()
+        self.candidates = ms.candidates
+        changes = self._collect_changed()
+        sources_inserted, sources_updated = changes.new, changes.updated
         contacts = _ContactCounts()
         if sources_inserted or sources_updated:
-            touched = self._lock_other_master_databases()
-            affected, stored = self._collect_affected()
-            if self.together:
-                self._collect_dying()
-            if stored or self.together:
+            touched = self._lock_other_master_databases() if changes.were_live else []
+            if self._starts_master_database(changes):
+                contacts = self._insert_first_contacts(changes.live)
+            else:
+                affected, stored = self._collect_affected()
+                if self.together:
+                    self._collect_dying()
                 merged = self._merge_contacts()
                 # At least this many contacts are new: those merged beyond the ones stored.
                 contacts = self._write_contacts(affected, new_at_least=merged - stored)
-            else:  # a first load, say: every affected contact is new
-                contacts = self._insert_merged_contacts(affected)
-            self._write_sources(new=sources_inserted)
+            self._write_sources(new=sources_inserted, updated=sources_updated)
             table = ms.master_databases
             conn.execute(
                 sa.update(table)
@@ -902,8 +904,8 @@ class _Merge:
         rejected_at = pa.repeat(pa.scalar(self.now, pa.timestamp("us", tz="UTC")), rows.num_rows)
         _bulk_insert(self.conn, table, rows.append_column("rejected_at", rejected_at))
 
-    def _collect_changed(self) -> tuple[int, int]:
-        """Keep the staged rows newer than their stored version; (new, updated) source counts."""
+    def _collect_changed(self) -> _Changes:
+        """Keep the staged rows newer than their stored version, and count them."""
         stage, sources, changed = ms.stage, ms.contact_sources, ms.changed
         query = sa.select(
             stage.c.part,
@@ -937,10 +939,15 @@ class _Merge:
         _fill(self.conn, changed, columns, query)
         if self.together:
             self._collapse_versions()
-        new, total = self.conn.execute(
-            sa.select(sa.func.count().filter(changed.c.is_new), sa.func.count())
+        new, total, live, were_live = self.conn.execute(
+            sa.select(
+                sa.func.count().filter(changed.c.is_new),
+                sa.func.count(),
+                sa.func.count().filter(changed.c.deleted_at.is_(None)),
+                sa.func.count().filter(changed.c.old_live),
+            )
         ).one()
-        return new, total - new
+        return _Changes(new=new, updated=total - new, live=live, were_live=were_live)
 
     def _collapse_versions(self) -> None:
         """Note every version of the clients changed in the partitions (``versions``), then keep
@@ -1053,7 +1060,14 @@ class _Merge:
             .join_from(ms.before, sources, sources.c.contact_id == ms.before.c.id)
             .where(sources.c.deleted_at.is_(None), ~replaced)
         )
-        incoming = sa.select(
+        columns = [c.name for c in ms.candidates.columns]
+        _fill(conn, ms.candidates, columns, sa.union_all(stored, self._incoming()))
+        return count, stored_count
+
+    def _incoming(self) -> sa.Select[Any]:
+        """The load's live rows as candidates (``candidates``' columns)."""
+        changed = ms.changed
+        return sa.select(
             _text(self.master_database).label("master_database"),
             changed.c.email,
             _text(self.integration).label("integration"),
@@ -1061,15 +1075,6 @@ class _Merge:
             *(changed.c[name] for name in CONTACT_FIELDS),
             changed.c.updated_at,
         ).where(changed.c.deleted_at.is_(None))
-        if stored_count == 0 and not self.together:
-            # No affected contact is stored (a first load, say): the candidates are the load's
-            # own live rows, read where they are rather than copied.
-            self.candidates = incoming.subquery("candidates")
-        else:
-            self.candidates = ms.candidates
-            columns = [c.name for c in ms.candidates.columns]
-            _fill(conn, ms.candidates, columns, sa.union_all(stored, incoming))
-        return count, stored_count
 
     def _collect_dying(self) -> None:
         """Partitions merged together: note the affected contacts that end without live sources
@@ -1306,24 +1311,35 @@ class _Merge:
         )
         return sa.union_all(single, merged)
 
-    def _insert_merged_contacts(self, affected: int) -> _ContactCounts:
-        """When none of the affected contacts is stored: insert every merged one, as it is
-        computed (nothing else reads it)."""
+    def _starts_master_database(self, changes: _Changes) -> bool:
+        """Whether this load of one partition is the first to bring contacts to its master
+        database, none of its clients having been live anywhere before."""
+        if self.together or changes.were_live:
+            return False
+        contacts = ms.master_contacts
+        stored = sa.exists().where(contacts.c.master_database == self.master_database)
+        return not self.conn.scalar(sa.select(stored))
+
+    def _insert_first_contacts(self, live: int) -> _ContactCounts:
+        """The master database's first contacts, merged from the load's ``live`` rows: every one
+        is new, and none is stored to compare with, so they are inserted as they are computed."""
+        self.candidates = self._incoming().subquery("candidates")
         after = self._merged().subquery("after")
-        inserted = self._insert_contacts(after, [after.c.updated_at, sa.null()], affected)
-        return _ContactCounts(inserted=inserted, unchanged=affected - inserted)
+        inserted = self._insert_contacts(after, [after.c.updated_at, sa.null()], live)
+        return _ContactCounts(inserted=inserted)
 
     def _insert_contacts(
         self,
         after: sa.FromClause,
         ending: list[sa.ColumnElement[Any]],
-        at_least: int,
+        expected: int,
         *,
         rows: sa.FromClause | None = None,
         where: sa.ColumnElement[bool] | None = None,
     ) -> int:
         """Insert as new contacts the contents in ``after`` (of ``rows``, if given, a join of
-        it) with ``ending`` (updated_at, deleted_at), at least ``at_least`` of them; how many."""
+        it) with ``ending`` (updated_at, deleted_at), about ``expected`` of them (which decides
+        whether the indexes are built again); how many."""
         new = sa.select(
             after.c.master_database,
             after.c.email,
@@ -1337,7 +1353,7 @@ class _Merge:
             "master_database", "email", *CONTACT_FIELDS, "updated_at", "deleted_at", "loaded_at",
         ]  # fmt: skip
         contacts = ms.master_contacts
-        with _indexes_rebuilt_for(self.conn, contacts, at_least):
+        with _indexes_rebuilt_for(self.conn, contacts, expected):
             return self.conn.execute(sa.insert(contacts).from_select(columns, new)).rowcount
 
     def _write_contacts(self, affected: int, new_at_least: int) -> _ContactCounts:
@@ -1424,8 +1440,9 @@ class _Merge:
             revived=revived,
         )
 
-    def _write_sources(self, new: int) -> None:
-        """Write the changed sources (``new`` of them new), linking live ones to their contact."""
+    def _write_sources(self, new: int, updated: int) -> None:
+        """Write the changed sources (``new`` of them new, ``updated`` replacing a stored
+        version), linking live ones to their contact."""
         changed, sources, contacts = ms.changed, ms.contact_sources, ms.master_contacts
         versions = ["created_at", "updated_at", "deleted_at"]
         now = sa.literal(self.now, UtcDateTime())
@@ -1459,6 +1476,8 @@ class _Merge:
         ]  # fmt: skip
         with _indexes_rebuilt_for(self.conn, sources, new):
             self.conn.execute(sa.insert(sources).from_select(columns, inserted))
+        if not updated:
+            return
 
         # The stored version is older (checked again here, under the lock, as a safety net).
         replaces = sa.and_(
@@ -1495,6 +1514,17 @@ class _Merge:
         self.conn.execute(
             sa.update(sources).where(replaces, ~is_live).values(version).values(loaded_at=now)
         )
+
+
+@dataclass(frozen=True)
+class _Changes:
+    """The sources a load changes: ``new`` ones, ``updated`` stored ones, how many of them are
+    ``live`` now and how many ``were_live`` before."""
+
+    new: int
+    updated: int
+    live: int
+    were_live: int
 
 
 @dataclass(frozen=True)
