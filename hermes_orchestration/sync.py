@@ -96,6 +96,7 @@ def _begin_step(context: dg.AssetExecutionContext, integration: Integration) -> 
     tag_run(context, integration)
     storage_connections.keep_connections(context.instance)
     memory.map_large_blocks()
+    memory.exempt_long_lived_objects()
 
 
 def _instant(value: Any) -> float | None:

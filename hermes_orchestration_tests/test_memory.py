@@ -87,6 +87,46 @@ def test_the_allocator_takes_the_setting() -> None:
     assert memory.map_large_blocks() is True
 
 
+# Exempts the objects alive from full collections, then makes a reference cycle and drops it;
+# prints how many objects were exempted, whether a second call exempted more, and whether the
+# cycle was collected.
+_EXEMPT = textwrap.dedent(
+    """
+    import gc, json, weakref
+    from hermes_orchestration import memory
+
+    long_lived = [[n] for n in range(100_000)]
+    memory.exempt_long_lived_objects()
+    exempted = gc.get_freeze_count()
+    memory.exempt_long_lived_objects()
+
+    class Node:
+        pass
+
+    node = Node()
+    node.itself = node
+    gone = weakref.ref(node)
+    del node
+    gc.collect()
+    print(json.dumps({
+        "exempted": exempted,
+        "again": gc.get_freeze_count() - exempted,
+        "cycle_collected": gone() is None,
+    }))
+    """
+)
+
+
+def test_objects_alive_when_a_step_begins_are_exempted_and_later_garbage_is_collected() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _EXEMPT], capture_output=True, text=True, check=True, timeout=60
+    )
+    figures = json.loads(done.stdout)
+    assert figures["exempted"] > 100_000
+    assert figures["again"] == 0  # once per process
+    assert figures["cycle_collected"]
+
+
 # Validates a client and loads it into a SQLite master database, as the steps do; then asks pyarrow
 # for a pandas object. Prints whether pandas was imported before that, and the frame's size.
 _VALIDATE_AND_LOAD = textwrap.dedent(
