@@ -62,6 +62,16 @@ def page_digest(records: list[Any]) -> str | None:
         encoded = encode(records)
     except orjson.JSONEncodeError:
         return None
+    return _digest(encoded)
+
+
+def digest_of_encoded(encoded: list[bytes]) -> str:
+    """``page_digest`` of the records whose ``encode_each`` is ``encoded`` (a list encodes as
+    its items' encodings, comma-separated in brackets)."""
+    return _digest(b"[" + b",".join(encoded) + b"]")
+
+
+def _digest(encoded: bytes) -> str:
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
 
 

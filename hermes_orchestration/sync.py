@@ -8,11 +8,13 @@ then work partition by partition, so a range run equals partition-by-partition r
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -43,6 +45,7 @@ from hermes_orchestration.records import (
     CLEAN_SCHEMA,
     RAW_SCHEMA,
     REJECTED_SCHEMA,
+    encode_each,
     records_to_batch,
 )
 from hermes_orchestration.staging import (
@@ -200,6 +203,7 @@ class _RawPartitions:
         self._previous_contents = previous.contents if previous else {}
         self.counts = [0] * len(keys)
         self.pages: list[listings.PageEntry] = []
+        self._hashed: dict[int, Future[str]] = {}  # digests of pages being hashed, by position
         self.pages_as_before = 0
         self._digests = [ContentDigest() for _ in keys]
         self._kept: dict[int, int] = {}  # rows of a staged file listed again, not copied yet
@@ -211,29 +215,47 @@ class _RawPartitions:
 
     def page(self, records: list[Any]) -> None:
         """File a page's rows, or count them if the page is the previous listing's next one."""
+        if self._previous is None:
+            # Nothing to compare with: the digest is only recorded. It is made from the records'
+            # encodings that the batch needs anyway, and hashed off this thread.
+            encoded = encode_each(records)
+            if encoded is not None:
+                self._hashed[len(self.pages)] = _hashing().submit(
+                    listings.digest_of_encoded, encoded
+                )
+            self._file(records, None, encoded)
+            return
         digest = listings.page_digest(records)
-        if self._previous is not None:
-            pages = self._previous.pages
-            if self.pages_as_before < len(pages):
-                entry = pages[self.pages_as_before]
-                if digest is not None and entry.digest == digest and entry.count == len(records):
-                    self.pages_as_before += 1
-                    self.pages.append(entry)
-                    for index, rows in entry.rows:
-                        self.counts[index] += rows
-                        self._kept[index] = self._kept.get(index, 0) + rows
-                    self._current = entry.last
-                    self._complete_before(self._current)
-                    return
-            self._previous = None  # the listing differs from here on
+        pages = self._previous.pages
+        if self.pages_as_before < len(pages):
+            entry = pages[self.pages_as_before]
+            if digest is not None and entry.digest == digest and entry.count == len(records):
+                self.pages_as_before += 1
+                self.pages.append(entry)
+                for index, rows in entry.rows:
+                    self.counts[index] += rows
+                    self._kept[index] = self._kept.get(index, 0) + rows
+                self._current = entry.last
+                self._complete_before(self._current)
+                return
+        self._previous = None  # the listing differs from here on
+        self._file(records, digest, None)
+
+    def _file(self, records: list[Any], digest: str | None, encoded: list[bytes] | None) -> None:
+        """File a page's rows under their partitions (``encoded``: their ``encode_each``)."""
         if self._starts:
             buckets, self._current = _by_partition(records, self._starts, self._current)
         else:  # one partition: every row is its own
-            buckets = [(0, records)]
-        for index, rows in buckets:
-            self._add(index, records_to_batch(rows))
+            buckets = [(0, list(range(len(records))))]
+        for index, positions in buckets:
+            if len(positions) == len(records):  # the whole page
+                rows, encodings = records, encoded
+            else:
+                rows = [records[at] for at in positions]
+                encodings = None if encoded is None else [encoded[at] for at in positions]
+            self._add(index, records_to_batch(rows, encodings))
             self.counts[index] += len(rows)
-        counts = tuple((index, len(rows)) for index, rows in buckets)
+        counts = tuple((index, len(positions)) for index, positions in buckets)
         self.pages.append(listings.PageEntry(digest, counts, self._current))
         self._complete_before(self._current)
 
@@ -244,8 +266,12 @@ class _RawPartitions:
 
     def record(self, window: str) -> None:
         """Record the listing for the next fetch of ``window``, unless it is the one recorded."""
-        if self.pages != self._recorded:
-            listings.record_listing(self._staging, self._keys, window, self.pages, self._contents())
+        pages = [
+            replace(page, digest=self._hashed[at].result()) if at in self._hashed else page
+            for at, page in enumerate(self.pages)
+        ]
+        if pages != self._recorded:
+            listings.record_listing(self._staging, self._keys, window, pages, self._contents())
 
     def _contents(self) -> dict[str, str]:
         """The content digest of each partition's staged file, once complete."""
@@ -306,21 +332,28 @@ class _RawPartitions:
 
 def _by_partition(
     records: list[Any], starts: list[float], current: int
-) -> tuple[list[tuple[int, list[Any]]], int]:
-    """A page's rows grouped by the index of their partition, and the partition of its last row.
+) -> tuple[list[tuple[int, list[int]]], int]:
+    """The positions of a page's rows grouped by the index of their partition, and the partition
+    of its last row.
 
     ``starts`` are the start instants of the run's partitions but the first; ``current`` is the
     partition of the previous page's last row.
     """
-    buckets: dict[int, list[Any]] = {}
-    for record in records:
+    buckets: dict[int, list[int]] = {}
+    for at, record in enumerate(records):
         instant = _instant(record.get("updated_at")) if isinstance(record, dict) else None
         if instant is not None:
             current = bisect.bisect_right(starts, instant)
         # A row without a usable updated_at stays with its neighbours (the listing is ordered by
         # updated_at); validation rejects it visibly.
-        buckets.setdefault(current, []).append(record)
+        buckets.setdefault(current, []).append(at)
     return list(buckets.items()), current
+
+
+@functools.cache
+def _hashing() -> ThreadPoolExecutor:
+    """The thread that hashes pages' digests (hashlib lets other threads run meanwhile)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="page-digests")
 
 
 class _Progress:

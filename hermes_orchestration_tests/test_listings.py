@@ -14,6 +14,7 @@ import pytest
 from hermes_orchestration import listings
 from hermes_orchestration import staging as staging_module
 from hermes_orchestration.fingerprints import CONTENT_KEY
+from hermes_orchestration.records import encode_each
 from hermes_orchestration.staging import RAW, PartitionStaging
 from hermes_orchestration.sync import _RawPartitions
 
@@ -159,3 +160,18 @@ def test_a_row_without_an_instant_after_kept_pages_is_filed_where_staging_every_
     reused = stage(staging, after)
     assert reused["pages_as_before"] == 3
     assert reused["rows"] == stage(fresh, after, reuse=False)["rows"]
+
+
+def test_a_page_digest_is_the_same_from_the_records_as_from_their_encodings() -> None:
+    # A fetch with nothing to compare with digests its pages from the encodings it stages; the
+    # next fetch of the window digests the decoded records to compare them: both must agree.
+    page = [
+        client(1, 2, "Ñandú 🦤"),
+        {**client(2, 2), "custom_fields": {"tier": "gold", "tags": ["a", 1, 2.5, None, True]}},
+        {**client(3, 3), 7: "a key that is not text"},
+        42,
+        None,
+        ["not", "an", "object"],
+    ]
+    assert listings.digest_of_encoded(encode_each(page)) == listings.page_digest(page)
+    assert listings.digest_of_encoded(encode_each(page[:2])) != listings.page_digest(page)
