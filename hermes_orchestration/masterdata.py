@@ -24,10 +24,12 @@ indexes after its insert rather than updating them row by row (``_indexes_rebuil
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -552,19 +554,49 @@ def _rejected_rows(rejected: pa.Table, integration: str, partition_key: str) -> 
 # --- Bulk writes -------------------------------------------------------------------------------
 
 
-def _bulk_insert(conn: Connection, table: sa.Table, data: pa.Table) -> None:
-    """Append ``data`` (columns named as in ``table``) to ``table`` in the open transaction."""
-    if data.num_rows == 0:
-        return
+def _bulk_insert(conn: Connection, table: sa.Table, data: pa.Table | Iterable[pa.Table]) -> None:
+    """Append ``data`` (one table or several, columns named as in ``table``) to ``table`` in the
+    open transaction."""
+    tables = (data,) if isinstance(data, pa.Table) else data
     if conn.dialect.name == "postgresql":
-        _copy(conn, table, data)
+        _copy(conn, table, tables)
     else:
-        _executemany(conn, table, data)
+        for rows in tables:
+            if rows.num_rows:
+                _executemany(conn, table, rows)
 
 
-def _copy(conn: Connection, table: sa.Table, data: pa.Table) -> None:
-    # Arrow writes the CSV in C++; PostgreSQL's CSV reads an unquoted empty field as NULL and a
-    # quoted one as '', which is exactly how Arrow writes nulls and empty strings.
+def _copy(conn: Connection, table: sa.Table, tables: Iterable[pa.Table]) -> None:
+    """One ``COPY`` of every row of ``tables``: each is sent to PostgreSQL by a thread while the
+    next one is made and formatted (one at a time, so at most two are held)."""
+    tables = (rows for rows in tables if rows.num_rows)
+    first = next(tables, None)
+    if first is None:
+        return
+    statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        pgsql.Identifier(table.name),
+        pgsql.SQL(", ").join(pgsql.Identifier(name) for name in first.column_names),
+    )
+    driver_connection = conn.connection.driver_connection
+    with (
+        driver_connection.cursor() as cursor,
+        cursor.copy(statement) as copy,
+        ThreadPoolExecutor(1, thread_name_prefix="copy") as sender,
+    ):
+        sending: Future[None] | None = None
+        for rows in itertools.chain([first], tables):
+            text = _csv(rows)
+            if sending is not None:
+                sending.result()
+            sending = sender.submit(copy.write, text)
+        if sending is not None:
+            sending.result()
+
+
+def _csv(data: pa.Table) -> memoryview:
+    """``data`` as PostgreSQL reads CSV: Arrow writes it in C++, and PostgreSQL reads an unquoted
+    empty field as NULL and a quoted one as '', which is exactly how Arrow writes nulls and empty
+    strings."""
     for index, field in enumerate(data.schema):
         if pa.types.is_timestamp(field.type):
             # Arrow formats a zoned timestamp a hundred times slower than this text with offset.
@@ -574,13 +606,7 @@ def _copy(conn: Connection, table: sa.Table, data: pa.Table) -> None:
     data = pa.Table.from_batches([b for b in data.to_batches() if b.num_rows], data.schema)
     buffer = io.BytesIO()
     pacsv.write_csv(data, buffer, _CSV_OPTIONS)
-    statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-        pgsql.Identifier(table.name),
-        pgsql.SQL(", ").join(pgsql.Identifier(name) for name in data.column_names),
-    )
-    driver_connection = conn.connection.driver_connection
-    with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
-        copy.write(buffer.getbuffer())
+    return buffer.getbuffer()
 
 
 # An insert of more rows than its table holds: PostgreSQL builds the table's indexes again (a
@@ -698,47 +724,14 @@ def _stage(
     merge that must be retried does not copy the rows again.
     """
     stage = ms.stage
-    rows: list[int] = []
-    ordinal = 0
-    distinct = 0  # clients, counted partition by partition
     with _transaction(conn, write=False):
         _tune_planner(conn)
         conn.execute(DropTable(stage, if_exists=True))
         conn.execute(CreateTable(stage))
-        # The small partitions of a range run are converted and copied together.
-        pending: list[tuple[int, pa.Table]] = []  # (part, its valid rows)
-
-        def copy_pending() -> None:
-            nonlocal ordinal
-            if not pending:
-                return
-            batch = _stage_columns(pa.concat_tables([table for _, table in pending]))
-            count = batch.num_rows
-            numbers = pa.array(range(ordinal, ordinal + count), pa.int64())
-            parts = pa.concat_arrays(
-                [pa.repeat(pa.scalar(part, pa.int32()), table.num_rows) for part, table in pending]
-            )
-            _bulk_insert(
-                conn, stage, batch.add_column(0, "ordinal", numbers).add_column(0, "part", parts)
-            )
-            ordinal += count
-            pending.clear()
-
-        for part, valid in enumerate(partitions):
-            count = 0
-            part_ids: list[pa.Array] = []
-            for table in _valid_tables(valid):
-                if pending and sum(t.num_rows for _, t in pending) + table.num_rows > _BATCH_ROWS:
-                    copy_pending()
-                pending.append((part, table))
-                part_ids.extend(table.column("hermes_id").chunks)
-                count += table.num_rows
-            rows.append(count)
-            if part_ids:
-                distinct += pc.count_distinct(pa.chunked_array(part_ids)).as_py()
-        copy_pending()
-        _prepare_for_joins(conn, stage, ordinal)
-        if distinct < ordinal:
+        staged = _StageBatches(partitions)
+        _bulk_insert(conn, stage, staged)
+        _prepare_for_joins(conn, stage, staged.total)
+        if staged.distinct < staged.total:
             # A client listed twice in a partition keeps its newest version there (the last one
             # listed on a tie).
             newer = stage.alias("newer")
@@ -752,7 +745,46 @@ def _stage(
                 newer.c.part == stage.c.part, newer.c.hermes_id == stage.c.hermes_id, is_newer
             )
             conn.execute(sa.delete(stage).where(superseded))
-    return rows
+    return staged.rows
+
+
+class _StageBatches:
+    """The valid rows of a load's partitions as batches of ``hermes_stage`` rows (iterated once;
+    the small partitions of a range run are converted together), and what was counted of them."""
+
+    def __init__(self, partitions: Sequence[pa.Table | Iterable[pa.RecordBatch]]) -> None:
+        self._partitions = partitions
+        self.rows: list[int] = []  # staged of each partition
+        self.total = 0
+        self.distinct = 0  # clients, counted partition by partition
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        pending: list[tuple[int, pa.Table]] = []  # (part, its valid rows) not converted yet
+        for part, valid in enumerate(self._partitions):
+            count = 0
+            ids: list[pa.Array] = []
+            for table in _valid_tables(valid):
+                if pending and sum(t.num_rows for _, t in pending) + table.num_rows > _BATCH_ROWS:
+                    yield self._converted(pending)
+                pending.append((part, table))
+                ids.extend(table.column("hermes_id").chunks)
+                count += table.num_rows
+            self.rows.append(count)
+            if ids:
+                self.distinct += pc.count_distinct(pa.chunked_array(ids)).as_py()
+        if pending:
+            yield self._converted(pending)
+
+    def _converted(self, pending: list[tuple[int, pa.Table]]) -> pa.Table:
+        batch = _stage_columns(pa.concat_tables([table for _, table in pending]))
+        count = batch.num_rows
+        numbers = pa.array(range(self.total, self.total + count), pa.int64())
+        parts = pa.concat_arrays(
+            [pa.repeat(pa.scalar(part, pa.int32()), table.num_rows) for part, table in pending]
+        )
+        self.total += count
+        pending.clear()
+        return batch.add_column(0, "ordinal", numbers).add_column(0, "part", parts)
 
 
 def _drop_stage(conn: Connection) -> None:

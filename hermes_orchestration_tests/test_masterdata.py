@@ -1335,6 +1335,52 @@ def test_a_client_updated_in_two_partitions_under_one_email_is_merged_in_one_tra
     assert (result.sources_updated, result.sources_inserted, result.contacts_deleted) == (1, 1, 1)
 
 
+def test_a_range_whose_later_rows_are_refused_writes_nothing_and_leaves_the_store_usable(
+    store: MasterDataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows are copied a batch at a time, each sent while the next one is made: the refusal comes
+    # after earlier batches have reached the database.
+    monkeypatch.setattr(masterdata, "_BATCH_ROWS", 2)
+    load(store, "tienda_norte", "p0", client("9", "z@example.cl", 0))
+    before = snapshot(store)
+    clients = [client(str(n), f"c{n}@example.cl", 1) for n in range(6)]
+    group = [
+        PartitionRows("p1", clean_table(clients), rejected_table("x")),
+        PartitionRows("p2", clean_table([client("7", None, 2)]), rejected_table()),
+    ]
+    with pytest.raises(PartitionInputError, match=r"not deleted \(hermes_id \['7'\]\)"):
+        load_together(store, "tienda_norte", group)
+    assert snapshot(store) == before
+
+    load_together(store, "tienda_norte", group[:1])
+    assert len(contacts(store)) == 7
+
+
+@pytest.mark.postgres
+def test_rows_postgresql_refuses_in_a_later_batch_write_nothing(
+    postgres_masterdata_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(masterdata, "_BATCH_ROWS", 2)
+    store = empty_postgres_store(postgres_masterdata_url)
+    load(store, "tienda_norte", "p0", client("9", "z@example.cl", 0))
+    before = snapshot(store)
+    rows = clean_table([client(str(n), f"c{n}@example.cl", 1) for n in range(6)])
+    # The last row (in the third batch copied) has a birth date PostgreSQL refuses: millions of
+    # years away, beyond the dates Arrow writes as text.
+    days = pa.array([None] * 5 + [2_147_000_000], pa.int32()).cast(pa.date32())
+    rows = rows.set_column(CLEAN_SCHEMA.get_field_index("birth_date"), "birth_date", days)
+    with pytest.raises(MasterDataError, match="rolled back, nothing of it was written"):
+        store.load_partition(
+            integration="tienda_norte",
+            master_database=MASTER_DB,
+            partition_key="p1",
+            valid=rows,
+            rejected=rejected_table(),
+        )
+    assert snapshot(store) == before
+    store.dispose()
+
+
 def test_a_failed_load_of_partitions_together_writes_nothing(store: MasterDataStore) -> None:
     load(store, "tienda_norte", "p1", client("1", "ana@example.cl", 1, first_name="Ana"))
     before = snapshot(store)
