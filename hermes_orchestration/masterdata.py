@@ -28,13 +28,13 @@ import itertools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -54,6 +54,8 @@ from hermes_orchestration.records import CLEAN_SCHEMA, CONTACT_TEXT_FIELDS, REJE
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 # Advisory lock namespaces ("HRMS", "HRMT"), keeping these locks apart from other applications'.
 _LOAD_LOCK_NAMESPACE = 0x48524D53
 _SCHEMA_LOCK_NAMESPACE = 0x48524D54
@@ -61,6 +63,7 @@ _SCHEMA_LOCK_NAMESPACE = 0x48524D54
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 _MAX_ATTEMPTS = 4
 _BATCH_ROWS = 50_000
+_KEYS_PER_QUERY = 500  # partition keys asked for at once (within any database's parameters)
 _ANALYZE_MIN_ROWS = 10  # working tables smaller than this are not analyzed
 _SQLITE_BUSY_SECONDS = 120.0
 # SQLite: a load takes the write lock when it begins (no lock upgrade, so no deadlock);
@@ -302,39 +305,51 @@ class MasterDataStore:
         return result
 
     def unchanged(
-        self, *, integration: str, master_database: str, partition_key: str, content: str
-    ) -> LoadResult | None:
-        """The result of loading a partition again, if its latest load was of ``content`` into
-        ``master_database``: nothing would change, so nothing needs to be done. Else None."""
+        self, *, integration: str, master_database: str, contents: Mapping[str, str]
+    ) -> dict[str, LoadResult]:
+        """Of the partitions ``contents`` maps to a content, those whose latest load was of that
+        content into ``master_database``: loading them again would change nothing, so nothing
+        needs to be done. Their results, by partition key."""
         loads, databases = ms.partition_loads, ms.master_databases
         query = (
-            sa.select(loads.c.rows, loads.c.rejected, databases.c.updated_at)
+            sa.select(
+                loads.c.partition_key,
+                loads.c.content,
+                loads.c.rows,
+                loads.c.rejected,
+                databases.c.updated_at,
+            )
             .join(databases, databases.c.name == loads.c.master_database)
             .where(
                 loads.c.integration == integration,
-                loads.c.partition_key == partition_key,
                 loads.c.master_database == master_database,
-                loads.c.content == content,
+                # Expanded as one parameter per key: a range run asks for a year of days at once.
+                loads.c.partition_key.in_(sa.bindparam("keys", expanding=True)),
             )
         )
-        row = self._one(query, f"the loads of integration {integration!r}")
-        if row is None:
-            return None
-        return LoadResult(
-            master_database=master_database,
-            partition_keys=(partition_key,),
-            rows=row.rows,
-            sources_inserted=0,
-            sources_updated=0,
-            sources_unchanged=row.rows,
-            contacts_inserted=0,
-            contacts_updated=0,
-            contacts_unchanged=0,
-            contacts_deleted=0,
-            contacts_revived=0,
-            rejected=row.rejected,
-            master_database_updated_at=row.updated_at,
-        )
+        what = f"the loads of integration {integration!r}"
+        results = {}
+        keys, size = list(contents), _KEYS_PER_QUERY
+        for start in range(0, len(keys), size):
+            for row in self._all(query.params(keys=keys[start : start + size]), what):
+                if contents[row.partition_key] != row.content:
+                    continue
+                results[row.partition_key] = LoadResult(
+                    master_database=master_database,
+                    partition_keys=(row.partition_key,),
+                    rows=row.rows,
+                    sources_inserted=0,
+                    sources_updated=0,
+                    sources_unchanged=row.rows,
+                    contacts_inserted=0,
+                    contacts_updated=0,
+                    contacts_unchanged=0,
+                    contacts_deleted=0,
+                    contacts_revived=0,
+                    rejected=row.rejected,
+                    master_database_updated_at=row.updated_at,
+                )
+        return results
 
     def refresh_statistics(self) -> None:
         """Have PostgreSQL measure the stored tables again (``ANALYZE``; SQLite needs nothing).
@@ -368,9 +383,16 @@ class MasterDataStore:
 
     def _one(self, query: sa.Select[Any], what: str) -> sa.Row[Any] | None:
         """The row of a read-only ``query``, or None; ``what`` names what it reads in errors."""
+        return self._read(lambda conn: conn.execute(query).one_or_none(), what)
+
+    def _all(self, query: sa.Select[Any], what: str) -> Sequence[sa.Row[Any]]:
+        """The rows of a read-only ``query``; ``what`` names what it reads in errors."""
+        return self._read(lambda conn: conn.execute(query).all(), what)
+
+    def _read(self, fetch: Callable[[Connection], _T], what: str) -> _T:
         try:
             with self._engine.connect() as conn, _transaction(conn, write=False):
-                return conn.execute(query).one_or_none()
+                return fetch(conn)
         except SQLAlchemyError as err:
             raise MasterDataError(
                 f"could not read {what} at {self.display_url}: {_reason(err)}"

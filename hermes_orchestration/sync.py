@@ -662,20 +662,18 @@ def load_master_data(
     store = context.resources.masterdata.store
     store.ensure_schema()
     names = {"integration": integration.name, "master_database": integration.master_database}
-    results: list[LoadResult] = []
     rejected_by_reason: Counter[str] = Counter()
     contents: dict[str, str | None] = {}
     for key in context.partition_keys:
         validated = staging.metadata(VALID, key).get(CONTENT_KEY)
-        content = loaded_from(validated) if validated else None
-        result = None
-        if content is not None and not full_sync(context):
-            result = store.unchanged(**names, partition_key=key, content=content)
-        if result is None:
-            contents[key] = content
-        else:
-            rejected_by_reason.update(_reason_counts(staging.read(REJECTED, key)))
-            results.append(result)
+        contents[key] = loaded_from(validated) if validated else None
+    known = {key: content for key, content in contents.items() if content is not None}
+    loaded = {} if full_sync(context) else store.unchanged(**names, contents=known)
+    results: list[LoadResult] = []
+    for key in [key for key in contents if key in loaded]:  # in the run's order
+        rejected_by_reason.update(_reason_counts(staging.read(REJECTED, key)))
+        results.append(loaded[key])
+        del contents[key]
     unchanged = len(results)
     inserted, refresh_at = 0, REFRESH_STATISTICS_ROWS
     for group in _load_groups(staging, list(contents)):

@@ -527,6 +527,30 @@ def test_a_stream_of_batches_loads_like_a_table(store: MasterDataStore) -> None:
     assert live_contacts(store)["c3@example.cl"]["city"] == "C24"  # its latest source
 
 
+def test_partitions_whose_content_was_loaded_last_are_found_unchanged(
+    store: MasterDataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(masterdata, "_KEYS_PER_QUERY", 2)  # several queries for a range
+    for n, key in enumerate(["p1", "p2", "p3"]):
+        store.load_partition(
+            integration="tienda_norte",
+            master_database=MASTER_DB,
+            partition_key=key,
+            valid=clean_table([client(str(n), f"c{n}@example.cl", n)]),
+            rejected=rejected_table(*[f"bad{m}" for m in range(n)]),
+            content=f"content-{key}",
+        )
+    asked = {"p1": "content-p1", "p2": "another content", "p3": "content-p3", "p4": "content-p4"}
+
+    found = store.unchanged(integration="tienda_norte", master_database=MASTER_DB, contents=asked)
+
+    assert sorted(found) == ["p1", "p3"]
+    assert (found["p3"].rows, found["p3"].rejected, found["p3"].sources_unchanged) == (1, 2, 1)
+    assert found["p1"].partition_keys == ("p1",)
+    elsewhere = store.unchanged(integration="tienda_norte", master_database="otra", contents=asked)
+    assert elsewhere == {}
+
+
 # --- Rejected rows ---------------------------------------------------------------------------
 
 
