@@ -12,7 +12,7 @@ import functools
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
@@ -243,10 +243,11 @@ class _RawPartitions:
 
     def _file(self, records: list[Any], digest: str | None, encoded: list[bytes] | None) -> None:
         """File a page's rows under their partitions (``encoded``: their ``encode_each``)."""
+        buckets: list[tuple[int, Sequence[int]]]
         if self._starts:
             buckets, self._current = _by_partition(records, self._starts, self._current)
         else:  # one partition: every row is its own
-            buckets = [(0, list(range(len(records))))]
+            buckets = [(0, range(len(records)))]
         for index, positions in buckets:
             if len(positions) == len(records):  # the whole page
                 rows, encodings = records, encoded
