@@ -6,7 +6,13 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hermes_orchestration.records import CLIENT_FIELDS, RAW_SCHEMA, _general_batch, records_to_batch
+from hermes_orchestration.records import (
+    CLIENT_FIELDS,
+    RAW_SCHEMA,
+    _general_batch,
+    encode_each,
+    records_to_batch,
+)
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 json_values = st.recursive(
@@ -31,6 +37,8 @@ records = st.one_of(
 @given(st.lists(records, max_size=6))
 def test_the_fast_path_gives_exactly_what_the_general_path_gives(page: list) -> None:
     assert records_to_batch(page).equals(_general_batch(page))
+    # Also from the encodings a fetch makes for the page's digest.
+    assert records_to_batch(page, encode_each(page)).equals(_general_batch(page))
 
 
 def test_values_of_the_wrong_type_are_kept_as_their_json_text() -> None:
