@@ -142,6 +142,22 @@ def test_a_row_group_that_cannot_be_written_fails_the_step_and_publishes_nothing
     assert not any((staging.root / "tienda_test" / ".incoming").iterdir())
 
 
+def test_a_file_that_cannot_be_completed_fails_the_step_and_publishes_nothing(staging) -> None:
+    with staging.transaction() as writes:
+        writes.write("raw_clients", "2026-11-02", numbers(0, 10))
+    text = pa.record_batch({"n": pa.array(["not a number"] * 3)})
+    # A file's last rows are written, and the file closed, by the thread while the step goes on:
+    # its failure is the step's all the same.
+    with pytest.raises(ValueError, match="schema"), staging.transaction() as writes:
+        writes.write("raw_clients", "2026-11-02", numbers(100, ROW_GROUP_ROWS))
+        writes.write("raw_clients", "2026-11-02", text)
+        writes.finish("raw_clients", "2026-11-02", {"hermes.content": "never"})
+        writes.write("raw_clients", "2026-11-03", numbers(0, 10))
+    assert staging.read("raw_clients", "2026-11-02").column("n").to_pylist() == list(range(10))
+    assert not staging.exists("raw_clients", "2026-11-03")
+    assert not any((staging.root / "tienda_test" / ".incoming").iterdir())
+
+
 def test_writing_a_partition_holds_at_most_two_row_groups_however_many_it_has(
     staging, monkeypatch: pytest.MonkeyPatch
 ) -> None:
