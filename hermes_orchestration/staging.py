@@ -150,19 +150,19 @@ class StagedWrites:
         self, stage: str, partition_key: str, metadata: dict[str, str] | None = None
     ) -> None:
         """Complete a partition's file with its key-value ``metadata`` (read back by
-        ``PartitionStaging.metadata``) and close it; it is published with the others.
-
-        The writer thread writes its last rows and closes it while the step goes on: a failure
-        there is raised by the step's next write, finish or close, and fails the step.
-        """
+        ``PartitionStaging.metadata``) and close it; it is published with the others."""
         key = (stage, partition_key)
         writer = self._writers.pop(key, None)
         if writer is None:
             raise KeyError(f"no open file of {stage} for partition {partition_key}")
-        pending = self._pending.pop(key, [])
-        rows = pa.Table.from_batches(pending) if pending else None
-        self._written()
-        self._writing = self._writer_thread.submit(_complete, writer, rows, metadata)
+        try:
+            self._flush(key, writer)
+            self._written()
+            if metadata:
+                writer.add_key_value_metadata(metadata)
+        finally:
+            self._written(raise_error=False)
+            writer.close()
 
     def _open(self, key: tuple[str, str], schema: pa.Schema) -> pq.ParquetWriter:
         stage, partition_key = key
@@ -173,7 +173,6 @@ class StagedWrites:
         self._writers[key] = writer
         self._files[key] = path
         if finished is not None:  # written again after it was finished: carry its rows over
-            self._written()  # (the writer thread may still be completing it)
             self._pending.setdefault(key, []).extend(_row_groups(pq.ParquetFile(finished), None))
             finished.unlink()
         return writer
@@ -219,19 +218,6 @@ class StagedWrites:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         self._files.clear()
-
-
-def _complete(
-    writer: pq.ParquetWriter, rows: pa.Table | None, metadata: dict[str, str] | None
-) -> None:
-    """Write a file's last ``rows`` and its ``metadata``, and close it (in the writer thread)."""
-    try:
-        if rows is not None:
-            writer.write_table(rows, row_group_size=ROW_GROUP_ROWS)
-        if metadata:
-            writer.add_key_value_metadata(metadata)
-    finally:
-        writer.close()
 
 
 def _row_groups(file: pq.ParquetFile, columns: list[str] | None) -> Iterator[pa.RecordBatch]:

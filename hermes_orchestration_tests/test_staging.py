@@ -146,8 +146,7 @@ def test_a_file_that_cannot_be_completed_fails_the_step_and_publishes_nothing(st
     with staging.transaction() as writes:
         writes.write("raw_clients", "2026-11-02", numbers(0, 10))
     text = pa.record_batch({"n": pa.array(["not a number"] * 3)})
-    # A file's last rows are written, and the file closed, by the thread while the step goes on:
-    # its failure is the step's all the same.
+    # A file's last rows are written by the writer thread when the file is finished.
     with pytest.raises(ValueError, match="schema"), staging.transaction() as writes:
         writes.write("raw_clients", "2026-11-02", numbers(100, ROW_GROUP_ROWS))
         writes.write("raw_clients", "2026-11-02", text)
