@@ -60,8 +60,9 @@ class PartitionStaging:
     ) -> Iterator[pa.RecordBatch]:
         """The staged rows of a partition (only ``columns`` if given), one row group at a time
         (MissingStagedDataError when absent), so that a reader holds a row group, not the
-        partition."""
-        return _row_groups(pq.ParquetFile(self._existing(stage, partition_key)), columns)
+        partition. The file is opened when the reading starts and closed when it ends: a load
+        holds the batches of a thousand partitions, not a thousand open files."""
+        return _read_row_groups(self._existing(stage, partition_key), columns)
 
     def _existing(self, stage: str, partition_key: str) -> Path:
         path = self.path(stage, partition_key)
@@ -173,7 +174,7 @@ class StagedWrites:
         self._writers[key] = writer
         self._files[key] = path
         if finished is not None:  # written again after it was finished: carry its rows over
-            self._pending.setdefault(key, []).extend(_row_groups(pq.ParquetFile(finished), None))
+            self._pending.setdefault(key, []).extend(_read_row_groups(finished, None))
             finished.unlink()
         return writer
 
@@ -218,6 +219,11 @@ class StagedWrites:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         self._files.clear()
+
+
+def _read_row_groups(path: Path, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    with pq.ParquetFile(path) as file:
+        yield from _row_groups(file, columns)
 
 
 def _row_groups(file: pq.ParquetFile, columns: list[str] | None) -> Iterator[pa.RecordBatch]:

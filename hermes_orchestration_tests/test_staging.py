@@ -73,10 +73,11 @@ def test_reading_a_partition_back_holds_one_row_group_at_a_time_however_many_it_
     assert most < 3 * group_bytes, (most, group_bytes)
 
 
-def test_a_step_through_many_partitions_keeps_only_unfinished_files_open(staging) -> None:
-    def open_files() -> int:
-        return len(list(Path("/proc/self/fd").iterdir()))
+def open_files() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
 
+
+def test_a_step_through_many_partitions_keeps_only_unfinished_files_open(staging) -> None:
     before = open_files()
     with staging.transaction() as writes:
         for day in range(300):
@@ -90,6 +91,30 @@ def test_a_step_through_many_partitions_keeps_only_unfinished_files_open(staging
         301,
     ]
     assert staging.metadata("validated_clients", "2026-10-27") == {"day": "299"}
+
+
+def test_the_batches_of_many_partitions_hold_one_open_file_at_a_time(staging) -> None:
+    # A load merges the partitions of a range together: thousands of small hourly ones.
+    keys = [
+        (datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=hour)).strftime("%Y-%m-%d-%H:%M")
+        for hour in range(1500)
+    ]
+    with staging.transaction() as writes:
+        for hour, key in enumerate(keys):
+            writes.write("validated_clients", key, numbers(hour, 2))
+            writes.finish("validated_clients", key)
+    before = open_files()
+    streams = [staging.batches("validated_clients", key) for key in keys]
+    assert open_files() == before
+    most = before
+    numbers_read = []
+    for stream in streams:
+        for batch in stream:
+            most = max(most, open_files())
+            numbers_read.extend(batch.column("n").to_pylist())
+    assert most <= before + 1
+    assert open_files() == before
+    assert numbers_read == [n for hour in range(1500) for n in (hour, hour + 1)]
 
 
 def test_a_finished_file_written_again_keeps_its_rows_and_must_be_finished_again(staging) -> None:
