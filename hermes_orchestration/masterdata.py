@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -871,15 +871,17 @@ class _Merge:
         contacts = _ContactCounts()
         if sources_inserted or sources_updated:
             touched = self._lock_other_master_databases() if changes.were_live else []
-            if self._starts_master_database(changes):
-                contacts = self._insert_first_contacts(changes.live)
-            else:
-                affected, stored = self._collect_affected()
+            affected, stored = self._collect_affected()
+            # The contacts of keys no stored contact and no changing client has yet are merged
+            # from the load's rows alone and inserted; only the affected ones are compared.
+            new = self._insert_new_contacts(changes.live)
+            if affected:
                 if self.together:
                     self._collect_dying()
                 merged = self._merge_contacts()
                 # At least this many contacts are new: those merged beyond the ones stored.
                 contacts = self._write_contacts(affected, new_at_least=merged - stored)
+            contacts = replace(contacts, inserted=contacts.inserted + new)
             self._write_sources(new=sources_inserted, updated=sources_updated)
             table = ms.master_databases
             conn.execute(
@@ -1074,17 +1076,40 @@ class _Merge:
 
     def _collect_affected(self) -> tuple[int, int]:
         """Note the affected contacts, snapshot them and gather their live sources; how many are
-        affected and how many of them are stored."""
+        affected and how many of them are stored.
+
+        A contact is affected when the load may change one that is stored (it has the key of a
+        live version, or of the stored version of a changed source), or when a client of
+        partitions merged together has a version with its key (a contact created on the way may
+        end deleted). The keys of the other live versions are new: see ``_insert_new_contacts``.
+        """
         conn, changed, affected = self.conn, ms.changed, ms.affected
         contacts, sources = ms.master_contacts, ms.contact_sources
-        # The contacts of the live versions (every one of them, of partitions merged together),
-        # and of the stored ones.
+        md = _text(self.master_database)
         live = ms.versions if self.together else changed
-        keys = sa.union(
-            sa.select(_text(self.master_database), live.c.email).where(live.c.deleted_at.is_(None)),
-            sa.select(changed.c.old_master_database, changed.c.old_email).where(changed.c.old_live),
+        # One query each (an OR of them would be tested row by row, not joined).
+        has_contact = sa.exists().where(
+            contacts.c.master_database == md, contacts.c.email == live.c.email
         )
-        count = _fill(conn, affected, ["master_database", "email"], keys)
+        keys = [
+            sa.select(md, live.c.email).where(live.c.deleted_at.is_(None), has_contact),
+            sa.select(changed.c.old_master_database, changed.c.old_email).where(changed.c.old_live),
+        ]
+        if self.together:
+            versions = ms.versions
+            chained = (
+                sa.select(versions.c.hermes_id)
+                .group_by(versions.c.hermes_id)
+                .having(sa.func.count() > 1)
+            )
+            keys.append(
+                sa.select(md, live.c.email).where(
+                    live.c.deleted_at.is_(None), live.c.hermes_id.in_(chained)
+                )
+            )
+        count = _fill(conn, affected, ["master_database", "email"], sa.union(*keys))
+        if count == 0:
+            return 0, 0
 
         snapshot = sa.select(
             contacts.c.id,
@@ -1115,20 +1140,24 @@ class _Merge:
             .where(sources.c.deleted_at.is_(None), ~replaced)
         )
         columns = [c.name for c in ms.candidates.columns]
-        _fill(conn, ms.candidates, columns, sa.union_all(stored, self._incoming()))
+        _fill(conn, ms.candidates, columns, sa.union_all(stored, self._incoming(affected=True)))
         return count, stored_count
 
-    def _incoming(self) -> sa.Select[Any]:
-        """The load's live rows as candidates (``candidates``' columns)."""
-        changed = ms.changed
+    def _incoming(self, *, affected: bool) -> sa.Select[Any]:
+        """The load's live rows of the ``affected`` contacts, or of the others, as candidates
+        (``candidates``' columns)."""
+        changed, md = ms.changed, _text(self.master_database)
+        of_affected = sa.exists().where(
+            ms.affected.c.master_database == md, ms.affected.c.email == changed.c.email
+        )
         return sa.select(
-            _text(self.master_database).label("master_database"),
+            md.label("master_database"),
             changed.c.email,
             _text(self.integration).label("integration"),
             changed.c.hermes_id,
             *(changed.c[name] for name in CONTACT_FIELDS),
             changed.c.updated_at,
-        ).where(changed.c.deleted_at.is_(None))
+        ).where(changed.c.deleted_at.is_(None), of_affected if affected else ~of_affected)
 
     def _collect_dying(self) -> None:
         """Partitions merged together: note the affected contacts that end without live sources
@@ -1320,6 +1349,7 @@ class _Merge:
         conn, candidates, shared = self.conn, self.candidates, ms.shared
         key = [candidates.c.master_database, candidates.c.email]
         several = sa.select(*key).group_by(*key).having(sa.func.count() > 1)
+        conn.execute(sa.delete(shared))
         _fill(conn, shared, ["master_database", "email"], several)
         columns = ["master_database", "email", *CONTACT_FIELDS, "updated_at"]
         # Most contacts have one source: their content is that source's, no merge needed.
@@ -1365,22 +1395,18 @@ class _Merge:
         )
         return sa.union_all(single, merged)
 
-    def _starts_master_database(self, changes: _Changes) -> bool:
-        """Whether this load of one partition is the first to bring contacts to its master
-        database, none of its clients having been live anywhere before."""
-        if self.together or changes.were_live:
-            return False
-        contacts = ms.master_contacts
-        stored = sa.exists().where(contacts.c.master_database == self.master_database)
-        return not self.conn.scalar(sa.select(stored))
-
-    def _insert_first_contacts(self, live: int) -> _ContactCounts:
-        """The master database's first contacts, merged from the load's ``live`` rows: every one
-        is new, and none is stored to compare with, so they are inserted as they are computed."""
-        self.candidates = self._incoming().subquery("candidates")
-        after = self._merged().subquery("after")
-        inserted = self._insert_contacts(after, [after.c.updated_at, sa.null()], live)
-        return _ContactCounts(inserted=inserted)
+    def _insert_new_contacts(self, live: int) -> int:
+        """Insert the contacts of the live rows whose keys are not affected (of ``live`` rows in
+        all), merged from those rows alone: no contact has their key, and no source that is
+        stored or changes on the way in partitions merged together has it either, so there is
+        nothing to compare with. (A new master database's first load is all of them.) How many.
+        """
+        self.candidates = self._incoming(affected=False).subquery("candidates")
+        try:
+            after = self._merged().subquery("after")
+            return self._insert_contacts(after, [after.c.updated_at, sa.null()], live)
+        finally:
+            self.candidates = ms.candidates
 
     def _insert_contacts(
         self,

@@ -280,6 +280,48 @@ def test_first_load_creates_the_master_database_its_contacts_and_sources(
     assert source["updated_at"] == at(1)
 
 
+def test_a_load_of_new_and_stored_contacts_merges_and_counts_each_contact_once(
+    store: MasterDataStore,
+) -> None:
+    load(store, "tienda_norte", "p1", client("1", "ana@example.cl", 1, first_name="Ana"))
+    result = load(
+        store,
+        "tienda_norte",
+        "p2",
+        client("1", "ana@example.cl", 2, first_name="Ana", city="Talca"),  # a stored one changes
+        client("2", "bea@example.cl", 3, first_name="Bea", city="Arica"),  # a new contact ...
+        client("3", "bea@example.cl", 4, city="Ancud"),  # ... of two new sources
+        client("4", "ana@example.cl", 5, last_name="Rojas"),  # a new source of a stored one
+        client("5", "eva@example.cl", 6, deleted=True),  # a tombstone makes no contact
+    )
+    assert counts(result) == {
+        "sources_inserted": 4, "sources_updated": 1, "sources_unchanged": 0,
+        "contacts_inserted": 1, "contacts_updated": 1, "contacts_unchanged": 0,
+        "contacts_deleted": 0, "contacts_revived": 0, "rejected": 0,
+    }  # fmt: skip
+    stored = live_contacts(store)
+    assert set(stored) == {"ana@example.cl", "bea@example.cl"}
+    assert (stored["ana@example.cl"]["first_name"], stored["ana@example.cl"]["city"]) == (
+        "Ana",
+        "Talca",
+    )
+    assert stored["ana@example.cl"]["last_name"] == "Rojas"
+    assert (stored["bea@example.cl"]["first_name"], stored["bea@example.cl"]["city"]) == (
+        "Bea",
+        "Ancud",
+    )
+    assert stored["bea@example.cl"]["updated_at"] == at(4)
+    linked = {key[1]: row["contact_id"] for key, row in sources(store).items()}
+    ids = {email: row["id"] for email, row in contacts(store).items()}
+    assert linked == {
+        "1": ids["ana@example.cl"],
+        "2": ids["bea@example.cl"],
+        "3": ids["bea@example.cl"],
+        "4": ids["ana@example.cl"],
+        "5": None,
+    }
+
+
 def test_loading_the_same_partition_again_changes_nothing(store: MasterDataStore) -> None:
     partition = [client("1", "ana@example.cl", 1, first_name="Ana"), client("2", "b@x.cl", 2)]
     first = load(store, "tienda_norte", "2026-03-01", *partition, rejected=["9"])
@@ -1333,6 +1375,40 @@ def test_a_client_in_two_partitions_loaded_together_goes_through_both_versions(
     )
     assert contacts(store)["bea@example.cl"]["deleted_at"] == at(2)
     assert contacts(store)["ana@example.cl"]["deleted_at"] is None
+
+
+def test_a_new_master_databases_first_partitions_together_count_a_contact_left_on_the_way(
+    store: MasterDataStore,
+) -> None:
+    result = load_together(
+        store,
+        "tienda_norte",
+        [
+            PartitionRows(
+                "p1",
+                clean_table([client("1", "bea@example.cl", 1), client("2", "carla@example.cl", 1)]),
+                NO_REJECTS,
+            ),
+            PartitionRows(
+                "p2",
+                clean_table(
+                    [
+                        client("1", "ana@example.cl", 2),  # leaves bea@, created in p1
+                        client("3", "carla@example.cl", 3, city="Talca"),
+                    ]
+                ),
+                NO_REJECTS,
+            ),
+        ],
+    )
+    assert counts(result) == {
+        "sources_inserted": 3, "sources_updated": 0, "sources_unchanged": 1,
+        "contacts_inserted": 2, "contacts_updated": 0, "contacts_unchanged": 0,
+        "contacts_deleted": 1, "contacts_revived": 0, "rejected": 0,
+    }  # fmt: skip
+    assert contacts(store)["bea@example.cl"]["deleted_at"] == at(2)
+    assert set(live_contacts(store)) == {"ana@example.cl", "carla@example.cl"}
+    assert live_contacts(store)["carla@example.cl"]["city"] == "Talca"
 
 
 def test_a_client_updated_in_two_partitions_under_one_email_is_merged_in_one_transaction(
