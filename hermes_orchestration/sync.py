@@ -74,8 +74,10 @@ from hermes_orchestration.validation import (
 # then each time they double (see MasterDataStore.refresh_statistics).
 REFRESH_STATISTICS_ROWS = 20_000
 
-# A range run merges consecutive partitions into the master data together, up to this many rows.
-LOAD_GROUP_ROWS = 100_000
+# A range run merges consecutive partitions into the master data together, up to this many rows:
+# each transaction has a fixed cost (working tables, indexes built again on first loads), and
+# holds its master database's lock for a few seconds at most.
+LOAD_GROUP_ROWS = 250_000
 
 # A cursor that expires mid-window restarts the window from its first page, this many times.
 MAX_WINDOW_RESTARTS = 3
