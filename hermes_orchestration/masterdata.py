@@ -1006,19 +1006,33 @@ class _Merge:
         return _Changes(new=new, updated=total - new, live=live, were_live=were_live)
 
     def _collapse_versions(self) -> None:
-        """Note every version of the clients changed in the partitions (``versions``), then keep
-        the latest one of each, with the email its tombstone keeps if it is deleted."""
-        conn, changed, versions = self.conn, ms.changed, ms.versions
-        earlier = changed.alias("earlier")
-        # Merged one by one, a version not newer than one of an earlier partition changes nothing.
-        stale = sa.exists().where(
-            earlier.c.hermes_id == changed.c.hermes_id,
-            earlier.c.part < changed.c.part,
-            earlier.c.updated_at >= changed.c.updated_at,
+        """Note the versions of the clients that can leave a contact on the way (``versions``),
+        then keep the latest one of each client, with the email its tombstone keeps if it is
+        deleted."""
+        conn, changed, versions, chained = self.conn, ms.changed, ms.versions, ms.chained
+        several = (
+            sa.select(changed.c.hermes_id).group_by(changed.c.hermes_id).having(sa.func.count() > 1)
         )
-        conn.execute(sa.delete(changed).where(stale))
+        is_chained = changed.c.hermes_id.in_(sa.select(chained.c.hermes_id))
+        if _fill(conn, chained, ["hermes_id"], several):
+            # Merged one by one, a version not newer than one of an earlier partition changes
+            # nothing.
+            earlier = changed.alias("earlier")
+            stale = sa.exists().where(
+                earlier.c.hermes_id == changed.c.hermes_id,
+                earlier.c.part < changed.c.part,
+                earlier.c.updated_at >= changed.c.updated_at,
+            )
+            conn.execute(sa.delete(changed).where(is_chained, stale))
         columns = [column.name for column in versions.columns]
-        _fill(conn, versions, columns, sa.select(*(changed.c[name] for name in columns)))
+        _fill(
+            conn,
+            versions,
+            columns,
+            sa.select(*(changed.c[name] for name in columns)).where(
+                sa.or_(is_chained, changed.c.old_live)
+            ),
+        )
         chains = (
             sa.select(
                 versions.c.hermes_id,
@@ -1060,7 +1074,7 @@ class _Merge:
         superseded = sa.exists().where(
             later.c.hermes_id == changed.c.hermes_id, later.c.part > changed.c.part
         )
-        conn.execute(sa.delete(changed).where(superseded))
+        conn.execute(sa.delete(changed).where(is_chained, superseded))
 
     def _lock_other_master_databases(self) -> list[str]:
         """Lock the other master databases whose contacts lose a source (a moved integration)."""
@@ -1086,25 +1100,19 @@ class _Merge:
         conn, changed, affected = self.conn, ms.changed, ms.affected
         contacts, sources = ms.master_contacts, ms.contact_sources
         md = _text(self.master_database)
-        live = ms.versions if self.together else changed
         # One query each (an OR of them would be tested row by row, not joined).
         has_contact = sa.exists().where(
-            contacts.c.master_database == md, contacts.c.email == live.c.email
+            contacts.c.master_database == md, contacts.c.email == changed.c.email
         )
         keys = [
-            sa.select(md, live.c.email).where(live.c.deleted_at.is_(None), has_contact),
+            sa.select(md, changed.c.email).where(changed.c.deleted_at.is_(None), has_contact),
             sa.select(changed.c.old_master_database, changed.c.old_email).where(changed.c.old_live),
         ]
-        if self.together:
-            versions = ms.versions
-            chained = (
-                sa.select(versions.c.hermes_id)
-                .group_by(versions.c.hermes_id)
-                .having(sa.func.count() > 1)
-            )
+        if self.together:  # every live version of a client with several
+            versions, chained = ms.versions, sa.select(ms.chained.c.hermes_id)
             keys.append(
-                sa.select(md, live.c.email).where(
-                    live.c.deleted_at.is_(None), live.c.hermes_id.in_(chained)
+                sa.select(md, versions.c.email).where(
+                    versions.c.deleted_at.is_(None), versions.c.hermes_id.in_(chained)
                 )
             )
         count = _fill(conn, affected, ["master_database", "email"], sa.union(*keys))
@@ -1193,7 +1201,19 @@ class _Merge:
         joins = sa.select(md, hops.c.email, hops.c.part, sa.literal(1), sa.null(), sa.null()).where(
             hops.c.live, sa.or_(sa.not_(hops.c.was_live), moved)
         )
-        rows = conn.execute(sa.insert(moves).from_select(columns, joins)).rowcount
+        # The other clients' one version joins its contact, if live (none was live before).
+        changed = ms.changed
+        newcomers = sa.select(
+            md, changed.c.email, changed.c.part, sa.literal(1), sa.null(), sa.null()
+        ).where(
+            changed.c.deleted_at.is_(None),
+            sa.exists().where(moves.c.master_database == md, moves.c.email == changed.c.email),
+            ~sa.exists().where(versions.c.hermes_id == changed.c.hermes_id),
+        )
+        rows = sum(
+            conn.execute(sa.insert(moves).from_select(columns, query)).rowcount
+            for query in (joins, newcomers)
+        )
         _prepare_for_joins(conn, moves, rows)
 
         before, sources = ms.before, ms.contact_sources

@@ -227,8 +227,16 @@ changed = _temp_table(
     filters=("email", "deleted_at", "is_new", "old_master_database", "old_email", "old_live"),
 )
 
-# Partitions merged together: every changed version of every client, in all of them (with the
-# stored version's key, as in ``changed``).
+# Partitions merged together: the clients with more than one changed version among them.
+chained = _temp_table(
+    "hermes_chained",
+    sa.Column("hermes_id", sa.Text, nullable=False),
+    index=("hermes_id",),
+)
+
+# Partitions merged together: every changed version of the clients that can leave a contact on
+# the way, the ``chained`` ones and those whose stored version fed one (with the stored
+# version's key, as in ``changed``). Each other client's one version is its row in ``changed``.
 versions = _temp_table(
     "hermes_versions",
     sa.Column("part", sa.Integer, nullable=False),
@@ -315,4 +323,4 @@ after = _temp_table(
 
 MERGE_TABLES: tuple[sa.Table, ...] = (changed, affected, before, candidates, shared, after)
 # The working tables of a merge of several partitions together, in addition.
-GROUP_TABLES: tuple[sa.Table, ...] = (versions, moves, dying)
+GROUP_TABLES: tuple[sa.Table, ...] = (chained, versions, moves, dying)
