@@ -19,7 +19,6 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import dagster as dg
-import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -585,11 +584,9 @@ def _validate_group(
     if len(keys) == 1:
         return [_validate(staging, writes, keys[0], default_country, today)]
     tables = [staging.read(RAW, key) for key in keys]
-    latest = np.concatenate([latest_versions([table]) for table in tables])
-    results = validate_partitions(
+    results = validate_partitions(  # each judges the latest version of an id in its partition
         pa.concat_tables(tables),
         [table.num_rows for table in tables],
-        latest=latest,
         default_country=default_country,
         today=today,
     )

@@ -182,7 +182,8 @@ def validate_partitions(
     each partition gets its own result.
 
     ``latest`` says which rows are judged (``latest_versions`` of each partition, one after the
-    other); by default, the latest version of each id among all of ``raw``'s rows.
+    other); by default, the latest version of each id in its partition, as each partition
+    validated alone would judge.
     """
     table = _conform(raw)
     if sum(sizes) != table.num_rows or any(size < 0 for size in sizes):
@@ -203,7 +204,8 @@ def validate_partitions(
     ids = _clean_text(fields["id"])
     updated_at, updated_micros, _ = _parse_instants(_clean_text(fields["updated_at"]))
     if latest is None:
-        latest = ~_superseded(ids, updated_micros, _usable(ids, updated_at))
+        parts = np.repeat(np.arange(len(sizes)), sizes) if len(sizes) > 1 else None
+        latest = ~_superseded(ids, updated_micros, _usable(ids, updated_at), parts)
     elif len(latest) != rows_in:
         raise ValueError(f"latest describes {len(latest)} rows, but there are {rows_in}")
 
@@ -468,8 +470,11 @@ def _not_an_object(fields: dict[str, pa.Array], records: pa.ChunkedArray) -> np.
     return all_null & ~_mask(pc.starts_with(records, "{"))
 
 
-def _superseded(ids: pa.Array, micros: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """The usable rows superseded by another version of the same id in the partition.
+def _superseded(
+    ids: pa.Array, micros: np.ndarray, usable: np.ndarray, parts: np.ndarray | None = None
+) -> np.ndarray:
+    """The usable rows superseded by another version of the same id in the partition (in the
+    same one of ``parts``, the partition of each row, if given).
 
     The version with the latest ``updated_at`` instant wins (instants, never text, are
     compared); a tie goes to the row that came later in the listing.
@@ -479,9 +484,16 @@ def _superseded(ids: pa.Array, micros: np.ndarray, usable: np.ndarray) -> np.nda
     if len(rows) < 2:
         return superseded
     usable_ids = ids.take(rows)
-    order = pc.sort_indices(usable_ids).to_numpy()
+    if parts is None:
+        order = pc.sort_indices(usable_ids).to_numpy()
+    else:
+        keys = pa.table({"part": parts[rows], "id": usable_ids})
+        order = pc.sort_indices(keys, [("part", "ascending"), ("id", "ascending")]).to_numpy()
     sorted_ids = usable_ids.take(order)
     same_as_next = _mask(pc.equal(sorted_ids[:-1], sorted_ids[1:]))
+    if parts is not None:
+        sorted_parts = parts[rows][order]
+        same_as_next &= sorted_parts[:-1] == sorted_parts[1:]
     if not same_as_next.any():
         return superseded
     # Only the rows of a repeated id need ranking: by id, then instant, then input position.
