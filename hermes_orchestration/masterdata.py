@@ -1033,42 +1033,34 @@ class _Merge:
                 sa.or_(is_chained, changed.c.old_live)
             ),
         )
-        chains = (
-            sa.select(
-                versions.c.hermes_id,
-                sa.func.max(versions.c.part).filter(versions.c.deleted_at.is_(None)).label("live"),
-                sa.func.min(versions.c.part).label("first"),
-            )
-            .group_by(versions.c.hermes_id)
-            .having(sa.func.count() > 1)
-            .subquery("chains")
-        )
-        if conn.scalar(sa.select(sa.func.count()).select_from(chains)) == 0:
+        # The chains left, with the email of each one's first version and of its last live one
+        # (window functions: a join of aggregates is estimated at a row and planned as a loop).
+        chain = {"partition_by": versions.c.hermes_id}
+        is_live = sa.case((versions.c.deleted_at.is_(None), 1), else_=0)
+        ends = sa.select(
+            versions.c.hermes_id,
+            sa.func.row_number().over(**chain, order_by=versions.c.part).label("position"),
+            sa.func.count().over(**chain).label("length"),
+            sa.func.max(is_live).over(**chain).label("ever_live"),
+            sa.func.first_value(versions.c.email)
+            .over(**chain, order_by=(is_live.desc(), versions.c.part.desc()))
+            .label("live_email"),
+            sa.func.first_value(versions.c.email)
+            .over(**chain, order_by=versions.c.part)
+            .label("first_email"),
+        ).subquery("ends")
+        kept = sa.select(
+            ends.c.hermes_id,
+            sa.case((ends.c.ever_live == 1, ends.c.live_email)),
+            ends.c.first_email,
+        ).where(ends.c.position == 1, ends.c.length > 1)
+        conn.execute(sa.delete(chained))
+        if _fill(conn, chained, ["hermes_id", "live_email", "first_email"], kept) == 0:
             return
-        live, first = versions.alias("live"), versions.alias("first")
-        kept = (
-            sa.select(
-                chains.c.hermes_id,
-                live.c.email.label("live_email"),
-                first.c.email.label("first_email"),
-            )
-            .select_from(
-                chains.outerjoin(
-                    live,
-                    sa.and_(live.c.hermes_id == chains.c.hermes_id, live.c.part == chains.c.live),
-                ).join(
-                    first,
-                    sa.and_(
-                        first.c.hermes_id == chains.c.hermes_id, first.c.part == chains.c.first
-                    ),
-                )
-            )
-            .subquery("kept")
-        )
         conn.execute(
             sa.update(changed)
-            .where(changed.c.hermes_id == kept.c.hermes_id, changed.c.deleted_at.is_not(None))
-            .values(last_live_email=kept.c.live_email, email=kept.c.first_email)
+            .where(changed.c.hermes_id == chained.c.hermes_id, changed.c.deleted_at.is_not(None))
+            .values(last_live_email=chained.c.live_email, email=chained.c.first_email)
         )
         later = changed.alias("later")
         superseded = sa.exists().where(

@@ -227,10 +227,13 @@ changed = _temp_table(
     filters=("email", "deleted_at", "is_new", "old_master_database", "old_email", "old_live"),
 )
 
-# Partitions merged together: the clients with more than one changed version among them.
+# Partitions merged together: the clients with more than one changed version among them; once
+# their stale versions are dropped, with the emails of their first and last live versions.
 chained = _temp_table(
     "hermes_chained",
     sa.Column("hermes_id", sa.Text, nullable=False),
+    sa.Column("live_email", sa.Text),
+    sa.Column("first_email", sa.Text),
     index=("hermes_id",),
 )
 
