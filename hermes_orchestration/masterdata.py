@@ -871,10 +871,10 @@ class _Merge:
         contacts = _ContactCounts()
         if sources_inserted or sources_updated:
             touched = self._lock_other_master_databases() if changes.were_live else []
-            affected, stored = self._collect_affected()
             # The contacts of keys no stored contact and no changing client has yet are merged
             # from the load's rows alone and inserted; only the affected ones are compared.
-            new = self._insert_new_contacts(changes.live)
+            affected, stored = self._collect_affected(all_live=not changes.unmatched)
+            new = self._insert_new_contacts(changes.unmatched) if changes.unmatched else 0
             if affected:
                 if self.together:
                     self._collect_dying()
@@ -963,6 +963,7 @@ class _Merge:
     def _collect_changed(self) -> _Changes:
         """Keep the staged rows newer than their stored version, and count them."""
         stage, sources, changed = ms.stage, ms.contact_sources, ms.changed
+        contacts = ms.master_contacts
         query = sa.select(
             stage.c.part,
             stage.c.hermes_id,
@@ -975,12 +976,19 @@ class _Merge:
             sources.c.master_database,
             sources.c.email,
             sa.and_(sources.c.hermes_id.is_not(None), sources.c.deleted_at.is_(None)),
+            contacts.c.id.is_not(None),
         ).select_from(
             stage.outerjoin(
                 sources,
                 sa.and_(
                     sources.c.integration == self.integration,
                     sources.c.hermes_id == stage.c.hermes_id,
+                ),
+            ).outerjoin(
+                contacts,
+                sa.and_(
+                    contacts.c.master_database == self.master_database,
+                    contacts.c.email == stage.c.email,
                 ),
             )
         )
@@ -990,20 +998,24 @@ class _Merge:
         )
         columns = [
             "part", "hermes_id", "email", *CONTACT_FIELDS, "created_at", "updated_at", "deleted_at",
-            "is_new", "old_master_database", "old_email", "old_live",
+            "is_new", "old_master_database", "old_email", "old_live", "has_contact",
         ]  # fmt: skip
         _fill(self.conn, changed, columns, query)
         if self.together:
             self._collapse_versions()
-        new, total, live, were_live = self.conn.execute(
+        live = changed.c.deleted_at.is_(None)
+        new, total, live, were_live, unmatched = self.conn.execute(
             sa.select(
                 sa.func.count().filter(changed.c.is_new),
                 sa.func.count(),
-                sa.func.count().filter(changed.c.deleted_at.is_(None)),
+                sa.func.count().filter(live),
                 sa.func.count().filter(changed.c.old_live),
+                sa.func.count().filter(live, sa.not_(changed.c.has_contact)),
             )
         ).one()
-        return _Changes(new=new, updated=total - new, live=live, were_live=were_live)
+        return _Changes(
+            new=new, updated=total - new, live=live, were_live=were_live, unmatched=unmatched
+        )
 
     def _collapse_versions(self) -> None:
         """Note the versions of the clients that can leave a contact on the way (``versions``),
@@ -1080,9 +1092,10 @@ class _Merge:
             _lock_master_database(self.conn, name)
         return sorted(others)
 
-    def _collect_affected(self) -> tuple[int, int]:
+    def _collect_affected(self, *, all_live: bool) -> tuple[int, int]:
         """Note the affected contacts, snapshot them and gather their live sources; how many are
-        affected and how many of them are stored.
+        affected and how many of them are stored. (``all_live``: every live row of the load is
+        known to be of an affected contact.)
 
         A contact is affected when the load may change one that is stored (it has the key of a
         live version, or of the stored version of a changed source), or when a client of
@@ -1093,11 +1106,10 @@ class _Merge:
         contacts, sources = ms.master_contacts, ms.contact_sources
         md = _text(self.master_database)
         # One query each (an OR of them would be tested row by row, not joined).
-        has_contact = sa.exists().where(
-            contacts.c.master_database == md, contacts.c.email == changed.c.email
-        )
         keys = [
-            sa.select(md, changed.c.email).where(changed.c.deleted_at.is_(None), has_contact),
+            sa.select(md, changed.c.email).where(
+                changed.c.deleted_at.is_(None), changed.c.has_contact
+            ),
             sa.select(changed.c.old_master_database, changed.c.old_email).where(changed.c.old_live),
         ]
         if self.together:  # every live version of a client with several
@@ -1140,24 +1152,28 @@ class _Merge:
             .where(sources.c.deleted_at.is_(None), ~replaced)
         )
         columns = [c.name for c in ms.candidates.columns]
-        _fill(conn, ms.candidates, columns, sa.union_all(stored, self._incoming(affected=True)))
+        incoming = self._incoming(affected=None if all_live else True)
+        _fill(conn, ms.candidates, columns, sa.union_all(stored, incoming))
         return count, stored_count
 
-    def _incoming(self, *, affected: bool) -> sa.Select[Any]:
-        """The load's live rows of the ``affected`` contacts, or of the others, as candidates
-        (``candidates``' columns)."""
+    def _incoming(self, *, affected: bool | None) -> sa.Select[Any]:
+        """The load's live rows (of the ``affected`` contacts only, or of the others) as
+        candidates (``candidates``' columns)."""
         changed, md = ms.changed, _text(self.master_database)
-        of_affected = sa.exists().where(
-            ms.affected.c.master_database == md, ms.affected.c.email == changed.c.email
-        )
-        return sa.select(
+        query = sa.select(
             md.label("master_database"),
             changed.c.email,
             _text(self.integration).label("integration"),
             changed.c.hermes_id,
             *(changed.c[name] for name in CONTACT_FIELDS),
             changed.c.updated_at,
-        ).where(changed.c.deleted_at.is_(None), of_affected if affected else ~of_affected)
+        ).where(changed.c.deleted_at.is_(None))
+        if affected is None:
+            return query
+        of_affected = sa.exists().where(
+            ms.affected.c.master_database == md, ms.affected.c.email == changed.c.email
+        )
+        return query.where(of_affected if affected else ~of_affected)
 
     def _collect_dying(self) -> None:
         """Partitions merged together: note the affected contacts that end without live sources
@@ -1407,16 +1423,17 @@ class _Merge:
         )
         return sa.union_all(single, merged)
 
-    def _insert_new_contacts(self, live: int) -> int:
-        """Insert the contacts of the live rows whose keys are not affected (of ``live`` rows in
-        all), merged from those rows alone: no contact has their key, and no source that is
-        stored or changes on the way in partitions merged together has it either, so there is
-        nothing to compare with. (A new master database's first load is all of them.) How many.
+    def _insert_new_contacts(self, unmatched: int) -> int:
+        """Insert the contacts of the live rows whose keys are not affected (at most
+        ``unmatched`` rows: those whose key no contact has), merged from those rows alone: no
+        contact has their key, and no source that is stored or changes on the way in partitions
+        merged together has it either, so there is nothing to compare with. (A new master
+        database's first load is all of them.) How many.
         """
         self.candidates = self._incoming(affected=False).subquery("candidates")
         try:
             after = self._merged().subquery("after")
-            return self._insert_contacts(after, [after.c.updated_at, sa.null()], live)
+            return self._insert_contacts(after, [after.c.updated_at, sa.null()], unmatched)
         finally:
             self.candidates = ms.candidates
 
@@ -1611,12 +1628,14 @@ class _Merge:
 @dataclass(frozen=True)
 class _Changes:
     """The sources a load changes: ``new`` ones, ``updated`` stored ones, how many of them are
-    ``live`` now and how many ``were_live`` before."""
+    ``live`` now, how many ``were_live`` before, and how many are live with a key that no
+    contact has (``unmatched``)."""
 
     new: int
     updated: int
     live: int
     were_live: int
+    unmatched: int
 
 
 @dataclass(frozen=True)
