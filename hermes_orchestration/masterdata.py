@@ -873,8 +873,8 @@ class _Merge:
             touched = self._lock_other_master_databases() if changes.were_live else []
             # The contacts of keys no stored contact and no changing client has yet are merged
             # from the load's rows alone and inserted; only the affected ones are compared.
-            affected, stored = self._collect_affected(all_live=not changes.unmatched)
-            new = self._insert_new_contacts(changes.unmatched) if changes.unmatched else 0
+            affected, stored = self._collect_affected(all_live=not changes.moving)
+            new = self._insert_new_contacts(changes.moving) if changes.moving else 0
             if affected:
                 if self.together:
                     self._collect_dying()
@@ -963,7 +963,6 @@ class _Merge:
     def _collect_changed(self) -> _Changes:
         """Keep the staged rows newer than their stored version, and count them."""
         stage, sources, changed = ms.stage, ms.contact_sources, ms.changed
-        contacts = ms.master_contacts
         query = sa.select(
             stage.c.part,
             stage.c.hermes_id,
@@ -976,19 +975,12 @@ class _Merge:
             sources.c.master_database,
             sources.c.email,
             sa.and_(sources.c.hermes_id.is_not(None), sources.c.deleted_at.is_(None)),
-            contacts.c.id.is_not(None),
         ).select_from(
             stage.outerjoin(
                 sources,
                 sa.and_(
                     sources.c.integration == self.integration,
                     sources.c.hermes_id == stage.c.hermes_id,
-                ),
-            ).outerjoin(
-                contacts,
-                sa.and_(
-                    contacts.c.master_database == self.master_database,
-                    contacts.c.email == stage.c.email,
                 ),
             )
         )
@@ -998,24 +990,27 @@ class _Merge:
         )
         columns = [
             "part", "hermes_id", "email", *CONTACT_FIELDS, "created_at", "updated_at", "deleted_at",
-            "is_new", "old_master_database", "old_email", "old_live", "has_contact",
+            "is_new", "old_master_database", "old_email", "old_live",
         ]  # fmt: skip
         _fill(self.conn, changed, columns, query)
         if self.together:
             self._collapse_versions()
         live = changed.c.deleted_at.is_(None)
-        new, total, live, were_live, unmatched = self.conn.execute(
+        stays = sa.and_(
+            changed.c.old_live,
+            changed.c.old_master_database == self.master_database,
+            changed.c.old_email == changed.c.email,
+        )
+        new, total, live, were_live, moving = self.conn.execute(
             sa.select(
                 sa.func.count().filter(changed.c.is_new),
                 sa.func.count(),
                 sa.func.count().filter(live),
                 sa.func.count().filter(changed.c.old_live),
-                sa.func.count().filter(live, sa.not_(changed.c.has_contact)),
+                sa.func.count().filter(live, sa.not_(stays)),
             )
         ).one()
-        return _Changes(
-            new=new, updated=total - new, live=live, were_live=were_live, unmatched=unmatched
-        )
+        return _Changes(new=new, updated=total - new, live=live, were_live=were_live, moving=moving)
 
     def _collapse_versions(self) -> None:
         """Note the versions of the clients that can leave a contact on the way (``versions``),
@@ -1094,8 +1089,8 @@ class _Merge:
 
     def _collect_affected(self, *, all_live: bool) -> tuple[int, int]:
         """Note the affected contacts, snapshot them and gather their live sources; how many are
-        affected and how many of them are stored. (``all_live``: every live row of the load is
-        known to be of an affected contact.)
+        affected and how many of them are stored. (``all_live``: every live row of the load
+        stays with the contact of its stored version, which is affected.)
 
         A contact is affected when the load may change one that is stored (it has the key of a
         live version, or of the stored version of a changed source), or when a client of
@@ -1107,11 +1102,15 @@ class _Merge:
         md = _text(self.master_database)
         # One query each (an OR of them would be tested row by row, not joined).
         keys = [
-            sa.select(md, changed.c.email).where(
-                changed.c.deleted_at.is_(None), changed.c.has_contact
-            ),
-            sa.select(changed.c.old_master_database, changed.c.old_email).where(changed.c.old_live),
+            sa.select(changed.c.old_master_database, changed.c.old_email).where(changed.c.old_live)
         ]
+        if not all_live:  # else their keys are those of the stored versions
+            has_contact = sa.exists().where(
+                contacts.c.master_database == md, contacts.c.email == changed.c.email
+            )
+            keys.append(
+                sa.select(md, changed.c.email).where(changed.c.deleted_at.is_(None), has_contact)
+            )
         if self.together:  # every live version of a client with several
             versions, chained = ms.versions, sa.select(ms.chained.c.hermes_id)
             keys.append(
@@ -1423,17 +1422,17 @@ class _Merge:
         )
         return sa.union_all(single, merged)
 
-    def _insert_new_contacts(self, unmatched: int) -> int:
-        """Insert the contacts of the live rows whose keys are not affected (at most
-        ``unmatched`` rows: those whose key no contact has), merged from those rows alone: no
-        contact has their key, and no source that is stored or changes on the way in partitions
-        merged together has it either, so there is nothing to compare with. (A new master
-        database's first load is all of them.) How many.
+    def _insert_new_contacts(self, moving: int) -> int:
+        """Insert the contacts of the live rows whose keys are not affected (at most ``moving``
+        rows: those that do not stay with the contact of a stored version), merged from those
+        rows alone: no contact has their key, and no source that is stored or changes on the
+        way in partitions merged together has it either, so there is nothing to compare with.
+        (A new master database's first load is all of them.) How many.
         """
         self.candidates = self._incoming(affected=False).subquery("candidates")
         try:
             after = self._merged().subquery("after")
-            return self._insert_contacts(after, [after.c.updated_at, sa.null()], unmatched)
+            return self._insert_contacts(after, [after.c.updated_at, sa.null()], moving)
         finally:
             self.candidates = ms.candidates
 
@@ -1628,14 +1627,14 @@ class _Merge:
 @dataclass(frozen=True)
 class _Changes:
     """The sources a load changes: ``new`` ones, ``updated`` stored ones, how many of them are
-    ``live`` now, how many ``were_live`` before, and how many are live with a key that no
-    contact has (``unmatched``)."""
+    ``live`` now, how many ``were_live`` before, and how many are live and do not stay with the
+    contact of a live stored version (``moving``: new, moved or revived)."""
 
     new: int
     updated: int
     live: int
     were_live: int
-    unmatched: int
+    moving: int
 
 
 @dataclass(frozen=True)

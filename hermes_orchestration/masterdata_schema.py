@@ -219,16 +219,12 @@ changed = _temp_table(
     sa.Column("old_master_database", sa.Text),
     sa.Column("old_email", sa.Text),
     sa.Column("old_live", sa.Boolean, nullable=False),  # the stored version fed a contact
-    sa.Column("has_contact", sa.Boolean, nullable=False),  # a contact has the row's key
     # A client deleted in the last of several partitions merged together: the email of its last
     # live version among them (its tombstone keeps that email and contact). Its ``email`` is
     # then that of its first version, which a new tombstone keeps if none of them was live.
     sa.Column("last_live_email", sa.Text),
     index=("hermes_id",),
-    filters=(
-        *("email", "deleted_at", "is_new", "has_contact"),
-        *("old_master_database", "old_email", "old_live"),
-    ),
+    filters=("email", "deleted_at", "is_new", "old_master_database", "old_email", "old_live"),
 )
 
 # Partitions merged together: the clients with more than one changed version among them; once
