@@ -1330,6 +1330,30 @@ def test_on_postgresql_too_partitions_loaded_together_leave_what_one_by_one_leav
         engine.dispose()
 
 
+def test_a_client_that_leaves_its_contact_and_comes_back_within_a_group_is_merged_exactly(
+    tmp_path: Path,
+) -> None:
+    # Every client ends with the contact it had: only the one created on the way changes.
+    versions = [
+        Version("web", "1", 0, "ana@example.cl", False, (("city", "Talca"),)),
+        Version("web", "2", 1, "ana@example.cl", False, (("first_name", "Ana"),)),
+        Version("web", "1", 3, "bea@example.cl", False, (("city", "Arica"),)),
+        Version("web", "1", 6, "ana@example.cl", False, (("city", "Ancud"),)),
+    ]
+    one_by_one, together = load_both_ways(
+        default_masterdata_url(tmp_path / "one"),
+        default_masterdata_url(tmp_path / "together"),
+        versions,
+        [1, 2],  # the first partition alone, then the two others together
+    )
+    assert stored_content(together) == stored_content(one_by_one)
+    bea = contacts(together)["bea@example.cl"]
+    assert (bea["city"], bea["deleted_at"]) == ("Arica", at(6))
+    assert live_contacts(together)["ana@example.cl"]["city"] == "Ancud"
+    one_by_one.dispose()
+    together.dispose()
+
+
 def test_a_contact_that_loses_its_sources_over_two_partitions_keeps_its_last_live_content(
     store: MasterDataStore,
 ) -> None:
