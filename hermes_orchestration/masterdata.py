@@ -12,7 +12,9 @@ A load copies the partition's valid rows into a temporary table (``COPY`` on Pos
    field: each field takes the non-empty value of the most recently updated live source (sources
    updated at the same instant: the greatest value; for ``accepts_marketing``, false). So the
    live contacts never depend on the order of loads. A contact without live sources is
-   soft-deleted (``deleted_at``), and revived when a live source comes back.
+   soft-deleted (``deleted_at``), and revived when a live source comes back. Only the contacts
+   the load may change are compared with what is stored; a key that no stored contact and no
+   changing source has gets its contact merged from the load's rows alone, and inserted.
 
 Empty values ('' or an empty JSON object) are stored as null, so they never hide another source's
 value. On PostgreSQL, loads of one master database are serialized by an advisory lock; on SQLite
