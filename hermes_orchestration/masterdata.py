@@ -1023,16 +1023,7 @@ class _Merge:
             sa.select(changed.c.hermes_id).group_by(changed.c.hermes_id).having(sa.func.count() > 1)
         )
         is_chained = changed.c.hermes_id.in_(sa.select(chained.c.hermes_id))
-        if _fill(conn, chained, ["hermes_id"], several):
-            # Merged one by one, a version not newer than one of an earlier partition changes
-            # nothing.
-            earlier = changed.alias("earlier")
-            stale = sa.exists().where(
-                earlier.c.hermes_id == changed.c.hermes_id,
-                earlier.c.part < changed.c.part,
-                earlier.c.updated_at >= changed.c.updated_at,
-            )
-            conn.execute(sa.delete(changed).where(is_chained, stale))
+        several_versions = _fill(conn, chained, ["hermes_id"], several)
         columns = [column.name for column in versions.columns]
         _fill(
             conn,
@@ -1042,6 +1033,20 @@ class _Merge:
                 sa.or_(is_chained, changed.c.old_live)
             ),
         )
+        if several_versions:
+            # Merged one by one, a version not newer than one of an earlier partition changes
+            # nothing (looked for among the versions: all of those clients' rows are there).
+            earlier = versions.alias("earlier")
+            stale = sa.exists().where(
+                earlier.c.hermes_id == versions.c.hermes_id,
+                earlier.c.part < versions.c.part,
+                earlier.c.updated_at >= versions.c.updated_at,
+            )
+            if conn.execute(sa.delete(versions).where(stale)).rowcount:
+                kept = sa.exists().where(
+                    versions.c.hermes_id == changed.c.hermes_id, versions.c.part == changed.c.part
+                )
+                conn.execute(sa.delete(changed).where(is_chained, ~kept))
         # The chains left, with the email of each one's first version and of its last live one
         # (window functions: a join of aggregates is estimated at a row and planned as a loop).
         chain = {"partition_by": versions.c.hermes_id}
@@ -1057,25 +1062,27 @@ class _Merge:
             sa.func.first_value(versions.c.email)
             .over(**chain, order_by=versions.c.part)
             .label("first_email"),
+            sa.func.max(versions.c.part).over(**chain).label("last_part"),
         ).subquery("ends")
-        kept = sa.select(
+        ends_kept = sa.select(
             ends.c.hermes_id,
             sa.case((ends.c.ever_live == 1, ends.c.live_email)),
             ends.c.first_email,
+            ends.c.last_part,
         ).where(ends.c.position == 1, ends.c.length > 1)
         conn.execute(sa.delete(chained))
-        if _fill(conn, chained, ["hermes_id", "live_email", "first_email"], kept) == 0:
+        columns = ["hermes_id", "live_email", "first_email", "last_part"]
+        if _fill(conn, chained, columns, ends_kept) == 0:
             return
         conn.execute(
             sa.update(changed)
             .where(changed.c.hermes_id == chained.c.hermes_id, changed.c.deleted_at.is_not(None))
             .values(last_live_email=chained.c.live_email, email=chained.c.first_email)
         )
-        later = changed.alias("later")
         superseded = sa.exists().where(
-            later.c.hermes_id == changed.c.hermes_id, later.c.part > changed.c.part
+            chained.c.hermes_id == changed.c.hermes_id, chained.c.last_part > changed.c.part
         )
-        conn.execute(sa.delete(changed).where(is_chained, superseded))
+        conn.execute(sa.delete(changed).where(superseded))
 
     def _lock_other_master_databases(self) -> list[str]:
         """Lock the other master databases whose contacts lose a source (a moved integration)."""

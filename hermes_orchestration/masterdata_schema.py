@@ -228,12 +228,14 @@ changed = _temp_table(
 )
 
 # Partitions merged together: the clients with more than one changed version among them; once
-# their stale versions are dropped, with the emails of their first and last live versions.
+# their stale versions are dropped, with the emails of their first and last live versions and
+# the position of the partition of their latest version.
 chained = _temp_table(
     "hermes_chained",
     sa.Column("hermes_id", sa.Text, nullable=False),
     sa.Column("live_email", sa.Text),
     sa.Column("first_email", sa.Text),
+    sa.Column("last_part", sa.Integer),
     index=("hermes_id",),
 )
 
