@@ -852,8 +852,6 @@ class _Merge:
         self.parts = parts
         self.together = len(parts) > 1
         self.now = datetime.now(UTC)  # the load time, set again by each attempt
-        # The live sources of the affected contacts once the load is done.
-        self.candidates: sa.Table | sa.Subquery = ms.candidates
 
     def run(self) -> LoadResult:
         """Merge and count; the caller commits."""
@@ -867,7 +865,6 @@ class _Merge:
         for table in tables:
             conn.execute(DropTable(table, if_exists=True))
             conn.execute(CreateTable(table))
-        self.candidates = ms.candidates
         changes = self._collect_changed()
         sources_inserted, sources_updated = changes.new, changes.updated
         contacts = _ContactCounts()
@@ -997,7 +994,7 @@ class _Merge:
         _fill(self.conn, changed, columns, query)
         if self.together:
             self._collapse_versions()
-        live = changed.c.deleted_at.is_(None)
+        is_live = changed.c.deleted_at.is_(None)
         stays = sa.and_(
             changed.c.old_live,
             changed.c.old_master_database == self.master_database,
@@ -1007,9 +1004,9 @@ class _Merge:
             sa.select(
                 sa.func.count().filter(changed.c.is_new),
                 sa.func.count(),
-                sa.func.count().filter(live),
+                sa.func.count().filter(is_live),
                 sa.func.count().filter(changed.c.old_live),
-                sa.func.count().filter(live, sa.not_(stays)),
+                sa.func.count().filter(is_live, sa.not_(stays)),
             )
         ).one()
         return _Changes(new=new, updated=total - new, live=live, were_live=were_live, moving=moving)
@@ -1376,13 +1373,15 @@ class _Merge:
     def _merge_contacts(self) -> int:
         """Note the content of every affected contact that has a live source; their count."""
         columns = ["master_database", "email", *CONTACT_FIELDS, "updated_at"]
-        rows = self.conn.execute(sa.insert(ms.after).from_select(columns, self._merged())).rowcount
+        merged = self._merged(ms.candidates)
+        rows = self.conn.execute(sa.insert(ms.after).from_select(columns, merged)).rowcount
         _prepare_for_joins(self.conn, ms.after, rows)
         return rows
 
-    def _merged(self) -> sa.CompoundSelect:
-        """The content of every affected contact that has a live source (``after``'s columns)."""
-        conn, candidates, shared = self.conn, self.candidates, ms.shared
+    def _merged(self, candidates: sa.Table | sa.Subquery) -> sa.CompoundSelect:
+        """The content of each contact of the live sources in ``candidates`` (``after``'s
+        columns)."""
+        conn, shared = self.conn, ms.shared
         key = [candidates.c.master_database, candidates.c.email]
         several = sa.select(*key).group_by(*key).having(sa.func.count() > 1)
         conn.execute(sa.delete(shared))
@@ -1438,12 +1437,9 @@ class _Merge:
         way in partitions merged together has it either, so there is nothing to compare with.
         (A new master database's first load is all of them.) How many.
         """
-        self.candidates = self._incoming(affected=False).subquery("candidates")
-        try:
-            after = self._merged().subquery("after")
-            return self._insert_contacts(after, [after.c.updated_at, sa.null()], moving)
-        finally:
-            self.candidates = ms.candidates
+        candidates = self._incoming(affected=False).subquery("candidates")
+        after = self._merged(candidates).subquery("after")
+        return self._insert_contacts(after, [after.c.updated_at, sa.null()], moving)
 
     def _insert_contacts(
         self,
