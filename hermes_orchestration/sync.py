@@ -7,18 +7,18 @@ then work partition by partition, so a range run equals partition-by-partition r
 
 from __future__ import annotations
 
-import bisect
 import functools
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -65,6 +65,7 @@ from hermes_orchestration.tags import (
 from hermes_orchestration.validation import (
     ValidationResult,
     latest_versions,
+    updated_instants,
     validate_partitions,
     validate_row_groups,
 )
@@ -80,6 +81,9 @@ LOAD_GROUP_ROWS = 250_000
 
 # A cursor that expires mid-window restarts the window from its first page, this many times.
 MAX_WINDOW_RESTARTS = 3
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def tag_run(context: dg.AssetExecutionContext, integration: Integration) -> None:
@@ -103,18 +107,6 @@ def _begin_step(context: dg.AssetExecutionContext, integration: Integration) -> 
     memory.exempt_long_lived_objects()
 
 
-def _instant(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        return None
-    return parsed.timestamp()
-
-
 def fetch_raw_clients(
     context: dg.AssetExecutionContext, integration: Integration
 ) -> dg.MaterializeResult:
@@ -125,7 +117,7 @@ def fetch_raw_clients(
     windows = [partitions_def.time_window_for_partition_key(key) for key in keys]
     since, until = windows[0].start, windows[-1].end
     span = f"[{since.isoformat()}, {until.isoformat()})"
-    starts = [window.start.timestamp() for window in windows[1:]]
+    starts = [window.start for window in windows[1:]]
     staging = context.resources.staging.for_integration(integration)
     # A full sync stages every page again; others only the pages that changed.
     previous = None if full_sync(context) else listings.previous_listing(staging, keys, span)
@@ -192,13 +184,14 @@ class _RawPartitions:
         writes: StagedWrites,
         staging: PartitionStaging,
         keys: list[str],
-        starts: list[float],
+        starts: list[datetime],
         previous: listings.Listing | None,
     ) -> None:
         self._writes = writes
         self._staging = staging
         self._keys = keys
-        self._starts = starts  # the start instants of the partitions but the first
+        # The start instants of the partitions but the first, in microseconds since the epoch.
+        self._starts = np.array([(start - _EPOCH) // _MICROSECOND for start in starts], np.int64)
         self._previous = previous
         self._recorded = previous.pages if previous else None  # as the record holds them
         self._previous_contents = previous.contents if previous else {}
@@ -244,20 +237,18 @@ class _RawPartitions:
 
     def _file(self, records: list[Any], digest: str | None, encoded: list[bytes] | None) -> None:
         """File a page's rows under their partitions (``encoded``: their ``encode_each``)."""
-        buckets: list[tuple[int, Sequence[int]]]
-        if self._starts:
-            buckets, self._current = _by_partition(records, self._starts, self._current)
-        else:  # one partition: every row is its own
-            buckets = [(0, range(len(records)))]
+        batch = records_to_batch(records, encoded)
+        buckets: list[tuple[int, np.ndarray | None]] = [(0, None)]  # one partition: all its own
+        if len(self._starts):
+            buckets, self._current = _by_partition(batch, self._starts, self._current)
         for index, positions in buckets:
-            if len(positions) == len(records):  # the whole page
-                rows, encodings = records, encoded
-            else:
-                rows = [records[at] for at in positions]
-                encodings = None if encoded is None else [encoded[at] for at in positions]
-            self._add(index, records_to_batch(rows, encodings))
-            self.counts[index] += len(rows)
-        counts = tuple((index, len(positions)) for index, positions in buckets)
+            rows = batch if positions is None else batch.take(positions)
+            self._add(index, rows)
+            self.counts[index] += rows.num_rows
+        counts = tuple(
+            (index, len(records) if positions is None else len(positions))
+            for index, positions in buckets
+        )
         self.pages.append(listings.PageEntry(digest, counts, self._current))
         self._complete_before(self._current)
 
@@ -333,23 +324,27 @@ class _RawPartitions:
 
 
 def _by_partition(
-    records: list[Any], starts: list[float], current: int
-) -> tuple[list[tuple[int, list[int]]], int]:
-    """The positions of a page's rows grouped by the index of their partition, and the partition
-    of its last row.
+    batch: pa.RecordBatch, starts: np.ndarray, current: int
+) -> tuple[list[tuple[int, np.ndarray | None]], int]:
+    """The positions of a page's rows grouped by the index of their partition (None: the whole
+    page), and the partition of its last row.
 
-    ``starts`` are the start instants of the run's partitions but the first; ``current`` is the
-    partition of the previous page's last row.
+    ``starts`` are the start instants of the run's partitions but the first, in microseconds
+    since the epoch; ``current`` is the partition of the previous page's last row. Instants are
+    read as validation reads them.
     """
-    buckets: dict[int, list[int]] = {}
-    for at, record in enumerate(records):
-        instant = _instant(record.get("updated_at")) if isinstance(record, dict) else None
-        if instant is not None:
-            current = bisect.bisect_right(starts, instant)
-        # A row without a usable updated_at stays with its neighbours (the listing is ordered by
-        # updated_at); validation rejects it visibly.
-        buckets.setdefault(current, []).append(at)
-    return list(buckets.items()), current
+    micros, usable = updated_instants(batch.column("updated_at"))
+    # A row without a usable updated_at stays with the row before it (the listing is ordered by
+    # updated_at); validation rejects it visibly.
+    before = np.maximum.accumulate(np.where(usable, np.arange(len(usable)), -1))
+    parts = np.where(before >= 0, np.searchsorted(starts, micros[before], side="right"), current)
+    if len(parts) == 0:
+        return [], current
+    if parts[0] == parts[-1] and (parts == parts[0]).all():
+        return [(int(parts[0]), None)], int(parts[0])
+    indexes, first = np.unique(parts, return_index=True)
+    buckets = [(int(index), np.flatnonzero(parts == index)) for index in indexes[np.argsort(first)]]
+    return buckets, int(parts[-1])
 
 
 @functools.cache

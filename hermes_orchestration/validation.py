@@ -110,6 +110,13 @@ def latest_versions(pieces: Iterable[pa.Table | pa.RecordBatch]) -> np.ndarray:
     return ~_superseded(all_ids, np.concatenate(micros), np.concatenate(usable))
 
 
+def updated_instants(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ``updated_at`` values read as validation reads them: microseconds since the epoch,
+    and the mask of the usable ones (a missing or invalid value is not)."""
+    instants, micros, _ = _parse_instants(_clean_text(_combined(values)))
+    return micros, _valid(instants)
+
+
 def _usable(ids: pa.Array, instants: pa.Array) -> np.ndarray:
     # Rows without a usable id or updated_at cannot be ordered against other versions.
     return _valid(ids) & _valid(instants)

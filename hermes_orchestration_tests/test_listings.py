@@ -19,7 +19,7 @@ from hermes_orchestration.staging import RAW, PartitionStaging
 from hermes_orchestration.sync import _RawPartitions
 
 KEYS = ["2026-11-02", "2026-11-03", "2026-11-04"]
-STARTS = [datetime(2026, 11, day, tzinfo=UTC).timestamp() for day in (3, 4)]
+STARTS = [datetime(2026, 11, day, tzinfo=UTC) for day in (3, 4)]
 WINDOW = "[2026-11-02T00:00:00+00:00, 2026-11-05T00:00:00+00:00)"
 
 

@@ -235,7 +235,7 @@ def test_a_range_files_late_rows_under_their_partition_with_the_digest_of_all_it
         return {"id": client_id, "updated_at": f"2026-11-0{day}T10:00:00Z", "email": "a@b.cl"}
 
     keys = ["2026-11-02", "2026-11-03", "2026-11-04", "2026-11-05"]
-    starts = [datetime(2026, 11, day, tzinfo=UTC).timestamp() for day in (3, 4, 5)]
+    starts = [datetime(2026, 11, day, tzinfo=UTC) for day in (3, 4, 5)]
     with staging.transaction() as writes:
         staged = _RawPartitions(writes, staging, keys, starts, previous=None)
         staged.page([client("1", 2), client("2", 2), client("3", 3)])
@@ -254,6 +254,45 @@ def test_a_range_files_late_rows_under_their_partition_with_the_digest_of_all_it
         digest.update(records_to_batch([client(*row) for row in rows]))
         assert staging.metadata("raw_clients", key) == {CONTENT_KEY: digest.hexdigest()}
     assert staged.counts == [3, 1, 1, 0]
+
+
+def test_a_range_files_rows_by_their_instant_and_unreadable_ones_with_the_row_before(
+    staging,
+) -> None:
+    # Offsets are read as instants (10:30-03:00 on the 2nd is 01:30 UTC on the 3rd); a row whose
+    # updated_at cannot be read, or that is no object at all, stays with the row before it, and
+    # on a page's first row with the last row of the page before.
+    keys = ["2026-11-02", "2026-11-03", "2026-11-04"]
+    starts = [datetime(2026, 11, day, tzinfo=UTC) for day in (3, 4)]
+    pages = [
+        [
+            {"id": "a", "updated_at": "2026-11-02T23:59:59.999999Z"},
+            {"id": "b", "updated_at": "2026-11-02T22:30:00-03:00"},
+            {"id": "c", "updated_at": "yesterday"},
+            {"id": "d", "updated_at": " 2026-11-03T00:00:00+00:00 "},
+        ],
+        [
+            {"id": "e"},
+            "not an object",
+            {"id": "f", "updated_at": "2026-11-04T01:59:59.9999999+02:00"},
+            {"id": "g", "updated_at": "2026-11-04T02:00:00+02:00"},
+            {"id": "h", "updated_at": 20261104},
+        ],
+    ]
+    with staging.transaction() as writes:
+        staged = _RawPartitions(writes, staging, keys, starts, previous=None)
+        for page in pages:
+            staged.page(page)
+        staged.complete()
+
+    def ids(key: str) -> list[str | None]:
+        return staging.read("raw_clients", key).column("id").to_pylist()
+
+    assert ids("2026-11-02") == ["a"]
+    assert ids("2026-11-03") == ["b", "c", "d", "e", None, "f"]
+    assert ids("2026-11-04") == ["g", "h"]
+    assert staged.counts == [1, 6, 2]
+    assert [page.rows for page in staged.pages] == [((0, 1), (1, 3)), ((1, 3), (2, 2))]
 
 
 def test_a_range_loads_consecutive_partitions_together_up_to_a_number_of_rows(
