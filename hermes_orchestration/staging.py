@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,22 +112,25 @@ class PartitionStaging:
 class StagedWrites:
     """Files being written by one step; see ``PartitionStaging.transaction``.
 
-    A partition's file stays open until the step ``finish``es it, so a step that works through
-    many partitions (a range run) holds one or two open files at a time, not one per partition.
+    Rows are encoded and written by a thread of the step's own, in the order they were handed
+    over, while the step goes on (Arrow works without Python's lock): a row group of a large
+    partition while the next one is gathered, the small files of a range run while the step
+    prepares the next partitions. What waits for the thread is bounded by rows, so a step holds
+    about two row groups at most, the ones being written and the one being gathered; a failure
+    in the thread is raised by the step's next write, finish or close, and fails the step.
 
-    Row groups are encoded and written by a thread of its own, one at a time, while the step
-    prepares the next (Arrow works without Python's lock): a step holds at most two row groups
-    of a file, the one being written and the one being gathered.
+    A file is opened when the thread writes its first rows and closed when it is finished, so a
+    step that works through many partitions holds one or two open files, not one per partition.
     """
 
     def __init__(self, staging: PartitionStaging, scratch: Path) -> None:
         self._staging = staging
         self._scratch = scratch
-        self._writers: dict[tuple[str, str], pq.ParquetWriter] = {}
+        self._open_files: dict[tuple[str, str], _StagedFile] = {}  # not finished yet
         self._pending: dict[tuple[str, str], list[pa.RecordBatch]] = {}
         self._files: dict[tuple[str, str], Path] = {}
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="staged-writes")
-        self._writing: Future[None] | None = None
+        self._queued: deque[tuple[Future[None], int]] = deque()  # handed over, with their rows
 
     def write(self, stage: str, partition_key: str, data: pa.Table | pa.RecordBatch) -> None:
         """Append a table or batch to a partition's file, in row groups of ``ROW_GROUP_ROWS``.
@@ -135,16 +139,16 @@ class StagedWrites:
         drops its metadata): it must be finished again.
         """
         key = (stage, partition_key)
-        writer = self._writers.get(key)
-        if writer is None:
-            writer = self._open(key, data.schema)
+        file = self._open_files.get(key)
+        if file is None:
+            file = self._open(key, data.schema)
         pending = self._pending.setdefault(key, [])
         pending.extend([data] if isinstance(data, pa.RecordBatch) else data.to_batches())
         gathered = sum(batch.num_rows for batch in pending)
         if gathered >= ROW_GROUP_ROWS:
             table = pa.Table.from_batches(pending)
             whole = gathered - gathered % ROW_GROUP_ROWS
-            self._write_rows(writer, table.slice(0, whole))
+            self._hand_over(whole, file.write, table.slice(0, whole))
             self._pending[key] = table.slice(whole).to_batches()
 
     def finish(
@@ -153,62 +157,56 @@ class StagedWrites:
         """Complete a partition's file with its key-value ``metadata`` (read back by
         ``PartitionStaging.metadata``) and close it; it is published with the others."""
         key = (stage, partition_key)
-        writer = self._writers.pop(key, None)
-        if writer is None:
+        file = self._open_files.pop(key, None)
+        if file is None:
             raise KeyError(f"no open file of {stage} for partition {partition_key}")
-        try:
-            self._flush(key, writer)
-            self._written()
-            if metadata:
-                writer.add_key_value_metadata(metadata)
-        finally:
-            self._written(raise_error=False)
-            writer.close()
+        pending = self._pending.pop(key, [])
+        rows = pa.Table.from_batches(pending) if pending else file.schema.empty_table()
+        self._hand_over(rows.num_rows, file.complete, rows, metadata)
 
-    def _open(self, key: tuple[str, str], schema: pa.Schema) -> pq.ParquetWriter:
+    def _open(self, key: tuple[str, str], schema: pa.Schema) -> _StagedFile:
         stage, partition_key = key
         finished = self._files.get(key)
         path = self._scratch / stage / f"{_safe(partition_key)}.{uuid.uuid4().hex}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = pq.ParquetWriter(path, schema, **_WRITE_OPTIONS)
-        self._writers[key] = writer
+        file = self._open_files[key] = _StagedFile(path, schema)
         self._files[key] = path
         if finished is not None:  # written again after it was finished: carry its rows over
+            self._wait(0)  # (the thread may not have completed it yet)
             self._pending.setdefault(key, []).extend(_read_row_groups(finished, None))
             finished.unlink()
-        return writer
+        return file
 
-    def _flush(self, key: tuple[str, str], writer: pq.ParquetWriter) -> None:
-        pending = self._pending.pop(key, [])
-        if pending:
-            self._write_rows(writer, pa.Table.from_batches(pending))
+    def _hand_over(self, rows: int, task: Callable[..., None], *args: object) -> None:
+        """Have the writer thread run ``task`` once it has run those handed over before."""
+        self._wait(max(ROW_GROUP_ROWS - rows, 0))
+        self._queued.append((self._writer_thread.submit(task, *args), rows))
 
-    def _write_rows(self, writer: pq.ParquetWriter, table: pa.Table) -> None:
-        """Have the writer thread write ``table`` once it has written the previous rows."""
-        self._written()
-        self._writing = self._writer_thread.submit(
-            writer.write_table, table, row_group_size=ROW_GROUP_ROWS
-        )
-
-    def _written(self, *, raise_error: bool = True) -> None:
-        """Wait until the rows handed to the writer thread are written; raise its error."""
-        writing, self._writing = self._writing, None
-        if writing is not None and (error := writing.exception()) is not None and raise_error:
-            raise error
+    def _wait(self, rows: int) -> None:
+        """Wait until at most ``rows`` rows wait for the writer thread; raise its first error.
+        (Finished tasks are let go however many rows are queued.)"""
+        queued = sum(count for _, count in self._queued)
+        while self._queued and (queued > rows or self._queued[0][0].done()):
+            done, count = self._queued.popleft()
+            queued -= count
+            if (error := done.exception()) is not None:
+                raise error
 
     def close(self, *, discard: bool = False) -> None:
         """Finish every open file without metadata (unless ``discard``: then only close them;
         idempotent)."""
         try:
             if not discard:
-                for key, writer in self._writers.items():
-                    self._flush(key, writer)
-                self._written()
+                for key in list(self._open_files):
+                    self.finish(*key)
+                self._wait(-1)
         finally:
-            self._written(raise_error=False)
-            for writer in self._writers.values():
-                writer.close()
-            self._writers.clear()
+            for done, _ in self._queued:
+                done.exception()  # written or failed, never left running
+            self._queued.clear()
+            for file in self._open_files.values():
+                file.close()
+            self._open_files.clear()
             self._pending.clear()
             self._writer_thread.shutdown()
 
@@ -219,6 +217,35 @@ class StagedWrites:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         self._files.clear()
+
+
+class _StagedFile:
+    """A staged file as the writer thread writes it: created with its first rows."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, rows: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, self.schema, **_WRITE_OPTIONS)
+        self._writer.write_table(rows, row_group_size=ROW_GROUP_ROWS)
+
+    def complete(self, rows: pa.Table, metadata: dict[str, str] | None) -> None:
+        """Write the last ``rows`` (a file is written even if it has none) and ``metadata``."""
+        try:
+            if rows.num_rows or self._writer is None:
+                self.write(rows)
+            if metadata:
+                self._writer.add_key_value_metadata(metadata)  # type: ignore[union-attr]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _read_row_groups(path: Path, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
