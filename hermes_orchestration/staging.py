@@ -7,6 +7,7 @@ previous version of its files in place.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import uuid
@@ -76,19 +77,15 @@ class PartitionStaging:
 
     def metadata(self, stage: str, partition_key: str) -> dict[str, str]:
         """The key-value metadata a staged file was written with ({} when absent)."""
-        path = self.path(stage, partition_key)
-        if not path.exists():
-            return {}
-        stored = pq.read_metadata(path).metadata or {}
-        return {
-            key.decode(): value.decode()
-            for key, value in stored.items()
-            if not key.startswith(b"ARROW:")  # Arrow's own copy of the schema
-        }
+        footer = _footer(self.path(stage, partition_key))
+        return {} if footer is None else dict(footer.metadata)
 
     def rows(self, stage: str, partition_key: str) -> int:
         """How many rows a partition's staged file holds (MissingStagedDataError when absent)."""
-        return pq.read_metadata(self._existing(stage, partition_key)).num_rows
+        footer = _footer(self._existing(stage, partition_key))
+        if footer is None:  # removed since
+            raise MissingStagedDataError(f"{stage} of partition {partition_key} was removed")
+        return footer.rows
 
     def exists(self, stage: str, partition_key: str) -> bool:
         """Whether a partition's file of ``stage`` has been written."""
@@ -246,6 +243,36 @@ class _StagedFile:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+@dataclass(frozen=True)
+class _Footer:
+    rows: int
+    metadata: tuple[tuple[str, str], ...]
+
+
+def _footer(path: Path) -> _Footer | None:
+    """The row count and key-value metadata of a staged file (None when absent), read once for
+    each version of the file: a range run asks a thousand files for both, step after step."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return _read_footer(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_footer(path: str, inode: int, mtime_ns: int, size: int) -> _Footer:
+    footer = pq.read_metadata(path)
+    stored = footer.metadata or {}
+    return _Footer(
+        footer.num_rows,
+        tuple(
+            (key.decode(), value.decode())
+            for key, value in stored.items()
+            if not key.startswith(b"ARROW:")  # Arrow's own copy of the schema
+        ),
+    )
 
 
 def _read_row_groups(path: Path, columns: list[str] | None) -> Iterator[pa.RecordBatch]:

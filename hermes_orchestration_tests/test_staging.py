@@ -216,6 +216,20 @@ def test_metadata_written_with_a_file_is_read_back_with_it(staging) -> None:
     assert staging.metadata("raw_clients", "2026-11-02") == {"hermes.content": "abc"}
 
 
+def test_a_file_staged_again_is_read_back_with_its_new_rows_and_metadata(staging) -> None:
+    # Footers are read once per version of a file: a new version of the same size is another.
+    for version in ("1", "2"):
+        with staging.transaction() as writes:
+            writes.write("raw_clients", "2026-11-02", numbers(int(version), 3))
+            writes.finish("raw_clients", "2026-11-02", {"version": version})
+        assert staging.metadata("raw_clients", "2026-11-02") == {"version": version}
+        assert staging.rows("raw_clients", "2026-11-02") == 3
+    with staging.transaction() as writes:
+        writes.write("raw_clients", "2026-11-02", numbers(0, 5))
+    assert staging.metadata("raw_clients", "2026-11-02") == {}
+    assert staging.rows("raw_clients", "2026-11-02") == 5
+
+
 @pytest.mark.parametrize("read", ["read", "batches"])
 def test_reading_a_partition_never_staged_says_what_to_materialize(staging, read) -> None:
     with pytest.raises(MissingStagedDataError) as error:
