@@ -15,6 +15,7 @@ import dagster as dg
 
 from hermes_orchestration.assets import build_integration_assets
 from hermes_orchestration.checks import build_health_checks
+from hermes_orchestration.collection import collection_paused
 from hermes_orchestration.config import IntegrationsConfig
 from hermes_orchestration.jobs import build_sync_jobs, sync_job_name
 from hermes_orchestration.operations import build_operation_jobs
@@ -26,7 +27,7 @@ from hermes_orchestration.sensors import build_guard_sensor
 def build_definitions(config: IntegrationsConfig) -> dg.Definitions:
     """All integrations' assets, checks and schedules, the shared jobs and sensor, the resources."""
     # The single-run backfill policy is beta: one warning per asset would flood every load.
-    with warnings.catch_warnings():
+    with collection_paused(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=dg.BetaWarning)
         warnings.simplefilter("ignore", category=dg.PreviewWarning)
         jobs = build_sync_jobs(config.integrations)

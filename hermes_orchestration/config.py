@@ -48,6 +48,8 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from hermes_orchestration.collection import collection_paused
+
 __all__ = [
     "DEFAULT_FILE_NAME",
     "INTEGRATIONS_FILE_ENV",
@@ -1338,7 +1340,8 @@ def parse_integrations(text: str, filename: str = DEFAULT_FILE_NAME) -> Integrat
         IntegrationsFileError: listing every problem in the file at once.
     """
     parser = _Parser(filename)
-    integrations = parser.parse(text)
+    with collection_paused():
+        integrations = parser.parse(text)
     if parser.issues:
         raise IntegrationsFileError(parser.problems())
     return IntegrationsConfig(integrations=integrations, path=filename)

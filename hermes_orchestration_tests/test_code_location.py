@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pytest
 import sqlalchemy as sa
 from dagster_postgres.event_log import PostgresEventLogStorage
 
+from hermes_orchestration import code_location, config
 from hermes_orchestration.assets import MASTER_DATA, asset_key, integration_asset_keys
 from hermes_orchestration.jobs import sync_job_name
 from hermes_orchestration_tests.conftest import SIM_PARTITIONS
@@ -47,6 +50,36 @@ def test_the_definitions_load_without_arrow_the_database_drivers_or_the_http_cli
 
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "hermes-orchestration"
+
+
+def test_the_garbage_collector_rests_while_integrations_are_read_and_built(
+    integrations_file, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thousand integrations' objects live as long as the process: collecting garbage among
+    # them as they pile up took a fifth of the build. The collector resumes afterwards, also
+    # when the file is invalid.
+    collecting: list[tuple[str, bool]] = []
+
+    def noting(what: str, function: Any) -> Any:
+        def call(*args: Any) -> Any:
+            collecting.append((what, gc.isenabled()))
+            return function(*args)
+
+        return call
+
+    monkeypatch.setattr(config._Parser, "parse", noting("read", config._Parser.parse))
+    monkeypatch.setattr(
+        code_location,
+        "build_integration_assets",
+        noting("built", code_location.build_integration_assets),
+    )
+    code_location.build_definitions(config.load_integrations(integrations_file("tienda_a")))
+    assert collecting == [("read", False), ("built", False)]
+    assert gc.isenabled()
+
+    with pytest.raises(config.IntegrationsFileError):
+        config.parse_integrations("integrations:\n  - name: Not A Name\n")
+    assert gc.isenabled()
 
 
 def test_the_console_script_says_everything_and_keeps_its_exit_status(
