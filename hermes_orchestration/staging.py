@@ -34,6 +34,10 @@ ROW_GROUP_ROWS = 32_768
 _WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": False, "write_statistics": False}
 
 
+# Row groups of fewer rows are decoded on the reading thread alone (see ``_threaded``).
+_THREADED_READ_ROWS = 8_192
+
+
 class MissingStagedDataError(Exception):
     """An upstream partition has not been materialized yet."""
 
@@ -55,7 +59,7 @@ class PartitionStaging:
         # ParquetFile rather than read_table: no dataset to discover, half the cost of reading
         # a small file (a range run reads a thousand).
         with pq.ParquetFile(self._existing(stage, partition_key)) as file:
-            return file.read(columns=columns)
+            return file.read(columns=columns, use_threads=_threaded(file.metadata.num_rows))
 
     def batches(
         self, stage: str, partition_key: str, columns: list[str] | None = None
@@ -285,7 +289,15 @@ def _row_groups(file: pq.ParquetFile, columns: list[str] | None) -> Iterator[pa.
     # decoded until the file is closed, so reading a partition that way would end up holding all
     # of it (1,000,000 clients: 230 MB of Arrow memory more than one row group).
     for index in range(file.num_row_groups):
-        yield from file.read_row_group(index, columns=columns).to_batches()
+        threads = _threaded(file.metadata.row_group(index).num_rows)
+        yield from file.read_row_group(index, columns=columns, use_threads=threads).to_batches()
+
+
+def _threaded(rows: int) -> bool:
+    """Whether to decode ``rows`` rows' columns on Arrow's threads: for a small partition's few
+    hundred rows, handing the columns out costs more than decoding them (a year's thousand small
+    files are read a quarter faster on one thread)."""
+    return rows >= _THREADED_READ_ROWS
 
 
 def _safe(partition_key: str) -> str:
