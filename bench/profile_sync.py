@@ -38,9 +38,8 @@ PARTS: list[tuple[str, str]] = [
     ("run: fetch step (raw_clients)", "fetch_raw_clients (hermes_orchestration/sync.py"),
     ("  HTTP + JSON decode (HermesClient)", "_get (hermes_orchestration/hermes_client.py"),
     ("  flatten pages (records_to_batch)", "records_to_batch (hermes_orchestration/records.py"),
-    ("  bucket rows by partition (_instant)", "_instant (hermes_orchestration/sync.py"),
+    ("  bucket rows by partition (_by_partition)", "_by_partition (hermes_orchestration/sync.py"),
     ("  Parquet write (StagedWrites.write)", "write (hermes_orchestration/staging.py"),
-    ("  Dagster log lines (context.log)", "log_manager.py"),
     ("run: validation step (validated_clients)", "validate_clients (hermes_orchestration/sync.py"),
     ("  ids and instants (latest_versions)", "latest_versions (hermes_orchestration/validation.py"),
     (
@@ -51,6 +50,7 @@ PARTS: list[tuple[str, str]] = [
     ("  copy into the stage table (_stage)", "_stage (hermes_orchestration/masterdata.py"),
     ("  set-based merge (_Merge.run)", "run (hermes_orchestration/masterdata.py"),
     ("  ensure_schema", "ensure_schema (hermes_orchestration/masterdata.py"),
+    ("run: Dagster's events and log lines, all steps", "log_manager.py"),
 ]
 
 _FRAME = re.compile(r"^(?P<function>.+?) \((?P<file>[^:)]+)")
