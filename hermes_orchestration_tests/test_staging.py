@@ -208,6 +208,34 @@ def test_writing_a_partition_holds_at_most_two_row_groups_however_many_it_has(
     assert most < 3 * group_bytes, (most, group_bytes)
 
 
+def test_finishing_many_files_on_a_slow_disk_holds_at_most_two_row_groups_of_rows(
+    staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A range run's small files are completed by the writer thread while the step goes on; what
+    # waits for it is bounded by rows, not by files.
+    write_table = pq.ParquetWriter.write_table
+
+    def slow_disk(writer: pq.ParquetWriter, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.02)
+        write_table(writer, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", slow_disk)
+    rows = ROW_GROUP_ROWS // 4
+    text = pa.array([f"{row:08d}" * 16 for row in range(rows)], pa.string())
+    group_bytes = text.nbytes * 4
+    before = pa.total_allocated_bytes()
+    most = 0
+    with staging.transaction() as writes:
+        for day in range(40):
+            key = (date(2026, 1, 1) + timedelta(days=day)).isoformat()
+            writes.write("validated_clients", key, pa.record_batch({"text": pc.utf8_reverse(text)}))
+            writes.finish("validated_clients", key, {"day": str(day)})
+            most = max(most, pa.total_allocated_bytes() - before)
+    assert staging.rows("validated_clients", "2026-02-09") == rows
+    assert staging.metadata("validated_clients", "2026-02-09") == {"day": "39"}
+    assert most < 3 * group_bytes, (most, group_bytes)
+
+
 def test_metadata_written_with_a_file_is_read_back_with_it(staging) -> None:
     assert staging.metadata("raw_clients", "2026-11-02") == {}
     with staging.transaction() as writes:
