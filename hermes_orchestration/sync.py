@@ -666,7 +666,7 @@ def load_master_data(
     loaded = {} if full_sync(context) else store.unchanged(**names, contents=known)
     results: list[LoadResult] = []
     for key in [key for key in contents if key in loaded]:  # in the run's order
-        rejected_by_reason.update(_reason_counts(staging.read(REJECTED, key)))
+        rejected_by_reason.update(_staged_reason_counts(staging, key))
         results.append(loaded[key])
         del contents[key]
     unchanged = len(results)
@@ -713,6 +713,15 @@ def _load_groups(staging: PartitionStaging, keys: list[str]) -> Iterator[list[st
     """Consecutive partitions to merge in one transaction: at most ``LOAD_GROUP_ROWS`` valid
     rows together (a larger partition alone)."""
     return _consecutive(keys, lambda key: staging.rows(VALID, key), LOAD_GROUP_ROWS)
+
+
+def _staged_reason_counts(staging: PartitionStaging, key: str) -> dict[str, int]:
+    """How many of a partition's staged rejected rows carry each reason code: from the summary
+    its validation wrote with them (no need to read a year's thousand files), else counted."""
+    summary = staging.metadata(VALID, key).get(SUMMARY_KEY)
+    if summary is not None:
+        return _Validated.from_json(summary).rejected_by_reason
+    return _reason_counts(staging.read(REJECTED, key))
 
 
 def _reason_counts(rejected: pa.Table) -> dict[str, int]:

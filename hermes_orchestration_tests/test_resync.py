@@ -114,6 +114,7 @@ def test_an_unchanged_resync_neither_validates_nor_merges_again_and_reports_the_
     assert snapshot(url) == stored
     assert again_loaded["rows"] == loaded["rows"] == again_loaded["sources_unchanged"]
     assert again_loaded["rejected"] == loaded["rejected"]
+    assert again_loaded["rejected_by_reason"] == loaded["rejected_by_reason"] != {}
     assert again_loaded["sources_inserted"] == again_loaded["sources_updated"] == 0
     assert again_loaded["contacts_inserted"] == again_loaded["contacts_updated"] == 0
 
