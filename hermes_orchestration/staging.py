@@ -73,11 +73,14 @@ class PartitionStaging:
     def _existing(self, stage: str, partition_key: str) -> Path:
         path = self.path(stage, partition_key)
         if not path.exists():
-            raise MissingStagedDataError(
-                f"{stage} of integration '{self.integration}' has no data for partition "
-                f"{partition_key}: materialize the upstream asset for that partition first."
-            )
+            raise self._missing(stage, partition_key)
         return path
+
+    def _missing(self, stage: str, partition_key: str) -> MissingStagedDataError:
+        return MissingStagedDataError(
+            f"{stage} of integration '{self.integration}' has no data for partition "
+            f"{partition_key}: materialize the upstream asset for that partition first."
+        )
 
     def metadata(self, stage: str, partition_key: str) -> dict[str, str]:
         """The key-value metadata a staged file was written with ({} when absent)."""
@@ -86,9 +89,9 @@ class PartitionStaging:
 
     def rows(self, stage: str, partition_key: str) -> int:
         """How many rows a partition's staged file holds (MissingStagedDataError when absent)."""
-        footer = _footer(self._existing(stage, partition_key))
-        if footer is None:  # removed since
-            raise MissingStagedDataError(f"{stage} of partition {partition_key} was removed")
+        footer = _footer(self.path(stage, partition_key))
+        if footer is None:
+            raise self._missing(stage, partition_key)
         return footer.rows
 
     def exists(self, stage: str, partition_key: str) -> bool:

@@ -258,7 +258,7 @@ def test_a_file_staged_again_is_read_back_with_its_new_rows_and_metadata(staging
     assert staging.rows("raw_clients", "2026-11-02") == 5
 
 
-@pytest.mark.parametrize("read", ["read", "batches"])
+@pytest.mark.parametrize("read", ["read", "batches", "rows"])
 def test_reading_a_partition_never_staged_says_what_to_materialize(staging, read) -> None:
     with pytest.raises(MissingStagedDataError) as error:
         getattr(staging, read)("validated_clients", "2026-11-09")
