@@ -149,6 +149,9 @@ class PartitionRows:
     valid: pa.Table | Iterable[pa.RecordBatch]
     rejected: pa.Table
     content: str | None = None
+    # Whether ``valid`` is known to hold each client once (validation counted no repeated id): the
+    # load then does not gather the partition's ids to look for older versions to drop.
+    ids_unique: bool = False
 
 
 def default_masterdata_url(state_dir: Path) -> str:
@@ -278,7 +281,7 @@ class MasterDataStore:
             # preserve_rowcount: the merge counts what it wrote from INSERT ... SELECT row counts.
             with self._engine.connect().execution_options(preserve_rowcount=True) as conn:
                 try:
-                    staged = _stage(conn, [partition.valid for partition in partitions])
+                    staged = _stage(conn, partitions)
                     parts = [
                         _Part(partition.key, rows, rows_rejected, partition.content)
                         for partition, rows, rows_rejected in zip(
@@ -738,9 +741,7 @@ def _utc_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
 
 
-def _stage(
-    conn: Connection, partitions: Sequence[pa.Table | Iterable[pa.RecordBatch]]
-) -> list[int]:
+def _stage(conn: Connection, partitions: Sequence[PartitionRows]) -> list[int]:
     """Copy the valid rows of ``partitions`` into ``hermes_stage``, one row per client and
     partition (the newest); the rows staged of each partition.
 
@@ -776,7 +777,7 @@ class _StageBatches:
     """The valid rows of a load's partitions as batches of ``hermes_stage`` rows (iterated once;
     the small partitions of a range run are converted together), and what was counted of them."""
 
-    def __init__(self, partitions: Sequence[pa.Table | Iterable[pa.RecordBatch]]) -> None:
+    def __init__(self, partitions: Sequence[PartitionRows]) -> None:
         self._partitions = partitions
         self.rows: list[int] = []  # staged of each partition
         self.total = 0
@@ -784,17 +785,20 @@ class _StageBatches:
 
     def __iter__(self) -> Iterator[pa.Table]:
         pending: list[tuple[int, pa.Table]] = []  # (part, its valid rows) not converted yet
-        for part, valid in enumerate(self._partitions):
+        for part, partition in enumerate(self._partitions):
             count = 0
-            ids: list[pa.Array] = []
-            for table in _valid_tables(valid):
+            ids: list[pa.Array] = []  # of a partition not known to hold each client once
+            for table in _valid_tables(partition.valid):
                 if pending and sum(t.num_rows for _, t in pending) + table.num_rows > _BATCH_ROWS:
                     yield self._converted(pending)
                 pending.append((part, table))
-                ids.extend(table.column("hermes_id").chunks)
+                if not partition.ids_unique:
+                    ids.extend(table.column("hermes_id").chunks)
                 count += table.num_rows
             self.rows.append(count)
-            if ids:
+            if partition.ids_unique:
+                self.distinct += count
+            elif ids:
                 self.distinct += pc.count_distinct(pa.chunked_array(ids)).as_py()
         if pending:
             yield self._converted(pending)

@@ -680,7 +680,9 @@ def load_master_data(
             rejected = staging.read(REJECTED, key)
             rejected_by_reason.update(_reason_counts(rejected))
             valid = staging.batches(VALID, key)
-            partitions.append(PartitionRows(key, valid, rejected, contents[key]))
+            summary = staging.metadata(VALID, key).get(SUMMARY_KEY)
+            unique = summary is not None and _Validated.from_json(summary).duplicate_ids == 0
+            partitions.append(PartitionRows(key, valid, rejected, contents[key], unique))
         result = store.load_partitions(**names, partitions=partitions)
         inserted += result.sources_inserted
         results.append(result)

@@ -569,6 +569,30 @@ def test_a_stream_of_batches_loads_like_a_table(store: MasterDataStore) -> None:
     assert live_contacts(store)["c3@example.cl"]["city"] == "C24"  # its latest source
 
 
+def test_a_partition_known_to_hold_each_client_once_loads_as_one_counted(
+    store: MasterDataStore,
+) -> None:
+    # Validation counts repeated ids; a partition it found none in is loaded without gathering
+    # its ids again, with the same result.
+    clients = [client(str(n), f"c{n % 7}@example.cl", n, city=f"C{n}") for n in range(30)]
+    results = {
+        database: store.load_partitions(
+            integration=f"tienda_{database}",
+            master_database=database,
+            partitions=[
+                PartitionRows(
+                    "p1", clean_table(clients), REJECTED_SCHEMA.empty_table(), ids_unique=unique
+                )
+            ],
+        )
+        for database, unique in (("base_known", True), ("base_counted", False))
+    }
+    assert counts(results["base_known"]) == counts(results["base_counted"])
+    assert results["base_known"].rows == 30
+    assert live_contacts(store, "base_known") == live_contacts(store, "base_counted")
+    assert len(live_contacts(store, "base_known")) == 7
+
+
 def test_partitions_whose_content_was_loaded_last_are_found_unchanged(
     store: MasterDataStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
