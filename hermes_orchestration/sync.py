@@ -680,8 +680,8 @@ def load_master_data(
             rejected = staging.read(REJECTED, key)
             rejected_by_reason.update(_reason_counts(rejected))
             valid = staging.batches(VALID, key)
-            summary = staging.metadata(VALID, key).get(SUMMARY_KEY)
-            unique = summary is not None and _Validated.from_json(summary).duplicate_ids == 0
+            summary = _validation_summary(staging, key)
+            unique = summary is not None and summary.duplicate_ids == 0
             partitions.append(PartitionRows(key, valid, rejected, contents[key], unique))
         result = store.load_partitions(**names, partitions=partitions)
         inserted += result.sources_inserted
@@ -717,12 +717,19 @@ def _load_groups(staging: PartitionStaging, keys: list[str]) -> Iterator[list[st
     return _consecutive(keys, lambda key: staging.rows(VALID, key), LOAD_GROUP_ROWS)
 
 
+def _validation_summary(staging: PartitionStaging, key: str) -> _Validated | None:
+    """What a partition's validation counted, as written with its valid rows (None: not
+    written)."""
+    summary = staging.metadata(VALID, key).get(SUMMARY_KEY)
+    return None if summary is None else _Validated.from_json(summary)
+
+
 def _staged_reason_counts(staging: PartitionStaging, key: str) -> dict[str, int]:
     """How many of a partition's staged rejected rows carry each reason code: from the summary
     its validation wrote with them (no need to read a year's thousand files), else counted."""
-    summary = staging.metadata(VALID, key).get(SUMMARY_KEY)
+    summary = _validation_summary(staging, key)
     if summary is not None:
-        return _Validated.from_json(summary).rejected_by_reason
+        return summary.rejected_by_reason
     return _reason_counts(staging.read(REJECTED, key))
 
 

@@ -98,12 +98,10 @@ def latest_versions(pieces: Iterable[pa.Table | pa.RecordBatch]) -> np.ndarray:
     usable: list[np.ndarray] = []
     for piece in pieces:
         piece_ids = _clean_text(_combined(piece.column("id")))
-        instants, piece_micros, _ = _parse_instants(
-            _clean_text(_combined(piece.column("updated_at")))
-        )
+        piece_micros, has_instant = updated_instants(piece.column("updated_at"))
         ids.append(piece_ids)
         micros.append(piece_micros)
-        usable.append(_usable(piece_ids, instants))
+        usable.append(_usable(piece_ids, has_instant))
     if not ids:
         return np.zeros(0, dtype=bool)
     all_ids = pa.concat_arrays(ids) if len(ids) > 1 else ids[0]
@@ -117,9 +115,9 @@ def updated_instants(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np
     return micros, _valid(instants)
 
 
-def _usable(ids: pa.Array, instants: pa.Array) -> np.ndarray:
+def _usable(ids: pa.Array, has_instant: np.ndarray) -> np.ndarray:
     # Rows without a usable id or updated_at cannot be ordered against other versions.
-    return _valid(ids) & _valid(instants)
+    return _valid(ids) & has_instant
 
 
 def validate_row_groups(
@@ -212,7 +210,7 @@ def validate_partitions(
     updated_at, updated_micros, _ = _parse_instants(_clean_text(fields["updated_at"]))
     if latest is None:
         parts = np.repeat(np.arange(len(sizes)), sizes) if len(sizes) > 1 else None
-        latest = ~_superseded(ids, updated_micros, _usable(ids, updated_at), parts)
+        latest = ~_superseded(ids, updated_micros, _usable(ids, _valid(updated_at)), parts)
     elif len(latest) != rows_in:
         raise ValueError(f"latest describes {len(latest)} rows, but there are {rows_in}")
 

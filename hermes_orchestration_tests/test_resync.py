@@ -21,6 +21,7 @@ from hermes_orchestration.config import load_integrations
 from hermes_orchestration.fingerprints import ContentDigest, loaded_from, validated_from
 from hermes_orchestration.jobs import sync_job_name
 from hermes_orchestration.launch import sync_now
+from hermes_orchestration.masterdata import MasterDataStore
 from hermes_orchestration.records import records_to_batch
 from hermes_orchestration.simulator import HermesSimulator, SimulatorConfig
 from hermes_orchestration.staging import RAW, VALID, PartitionStaging
@@ -117,6 +118,25 @@ def test_an_unchanged_resync_neither_validates_nor_merges_again_and_reports_the_
     assert again_loaded["rejected_by_reason"] == loaded["rejected_by_reason"] != {}
     assert again_loaded["sources_inserted"] == again_loaded["sources_updated"] == 0
     assert again_loaded["contacts_inserted"] == again_loaded["contacts_updated"] == 0
+
+
+def test_the_load_does_not_count_again_the_ids_that_validation_counted(
+    integrations_file, monkeypatch
+) -> None:
+    # Validation counts repeated ids (none here); the load is told, and does not gather a
+    # partition's ids to count them again (35 MB at 1,000,000 clients).
+    integrations_file("tienda_ids_counted")  # its own master data: a first load
+    told: list[bool] = []
+    load_partitions = MasterDataStore.load_partitions
+
+    def noting(self: MasterDataStore, **kwargs) -> object:
+        told.extend(partition.ids_unique for partition in kwargs["partitions"])
+        return load_partitions(self, **kwargs)
+
+    monkeypatch.setattr(MasterDataStore, "load_partitions", noting)
+    with dg.instance_for_test() as instance:
+        run(instance)
+    assert told == [True]
 
 
 def test_a_full_sync_validates_and_merges_again_and_changes_nothing(
