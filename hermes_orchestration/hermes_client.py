@@ -21,6 +21,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -334,6 +335,14 @@ def _decode_json(content: bytes) -> Any:
         return json.loads(content, parse_float=_number_or_text, parse_int=_int_or_text)
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """A request sent ahead on a thread: its response (or the error sending it) and when."""
+
+    response: Future[httpx.Response]
+    at: float  # time.monotonic()
+
+
 class HermesClient:
     """Reads one Hermes site's clients API with an App Token.
 
@@ -507,25 +516,40 @@ class HermesClient:
         return self._pages(params)
 
     def _pages(self, params: dict[str, str]) -> Iterator[ClientPage]:
+        """The pages of a listing. The next page is requested as soon as a page's cursor is
+        read, on a thread, so that the site prepares and sends it while the caller works through
+        the page; its answer is then judged (and retried if need be) like any other."""
         cursor: str | None = None
         number = 0
-        while True:
-            number += 1
-            query = params if cursor is None else {**params, "cursor": cursor}
-            answer = self._get("/clients", query, what=f"GET /clients page {number}")
-            page = self._page(answer, number)
-            if page.next_cursor is not None and page.next_cursor == cursor:
-                # Following it would read the same page forever.
-                raise self._protocol_error(
-                    f"GET /clients page {number} answered the cursor it was sent as its "
-                    f"next_cursor{_rid(answer.request_id)}.",
-                    answer.request_id,
-                    status=200,
-                )
-            yield page
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        sent: _Sent | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="hermes-next-page") as ahead:
+            try:
+                while True:
+                    number += 1
+                    query = params if cursor is None else {**params, "cursor": cursor}
+                    answer = self._get(
+                        "/clients", query, what=f"GET /clients page {number}", sent=sent
+                    )
+                    sent = None
+                    page = self._page(answer, number)
+                    if page.next_cursor is not None and page.next_cursor == cursor:
+                        # Following it would read the same page forever.
+                        raise self._protocol_error(
+                            f"GET /clients page {number} answered the cursor it was sent as its "
+                            f"next_cursor{_rid(answer.request_id)}.",
+                            answer.request_id,
+                            status=200,
+                        )
+                    if page.next_cursor is None:
+                        yield page
+                        return
+                    cursor = page.next_cursor
+                    query = {**params, "cursor": cursor}
+                    sent = _Sent(ahead.submit(self._send, "/clients", query), time.monotonic())
+                    yield page
+            finally:
+                if sent is not None:  # the caller stopped early: the request is let finish
+                    sent.response.cancel()
 
     def _page(self, answer: _Answer, number: int) -> ClientPage:
         body = answer.body
@@ -557,16 +581,21 @@ class HermesClient:
 
     # --- One request, with retries ----------------------------------------------------------
 
-    def _get(self, path: str, params: dict[str, str], *, what: str) -> _Answer:
+    def _get(
+        self, path: str, params: dict[str, str], *, what: str, sent: _Sent | None = None
+    ) -> _Answer:
+        """The answer to a request, retried as the policy allows; ``sent``: its first attempt,
+        sent already."""
         policy = self.retry
         spent = 0.0  # time in attempts plus time waited, so an injected sleep counts too
         attempt = 0
         while True:
             attempt += 1
-            started = time.monotonic()
+            started = time.monotonic() if sent is None else sent.at
             try:
-                return self._attempt(path, params, what=what)
+                return self._attempt(path, params, what=what, sent=sent)
             except _Retry as failure:
+                sent = None
                 spent += time.monotonic() - started
                 delay = self._delay(attempt, failure.retry_after)
                 if attempt >= policy.max_attempts or spent + delay > policy.max_total_seconds:
@@ -622,10 +651,15 @@ class HermesClient:
             attempts,
         )
 
-    def _attempt(self, path: str, params: dict[str, str], *, what: str) -> _Answer:
+    def _send(self, path: str, params: dict[str, str]) -> httpx.Response:
         self._limiter.acquire()
+        return self._http.get(path, params=params)
+
+    def _attempt(
+        self, path: str, params: dict[str, str], *, what: str, sent: _Sent | None = None
+    ) -> _Answer:
         try:
-            response = self._http.get(path, params=params)
+            response = self._send(path, params) if sent is None else sent.response.result()
         except httpx.TimeoutException as err:
             raise _Retry(
                 f"timed out ({type(err).__name__}, limit {self.retry.timeout:g} s)"

@@ -159,6 +159,30 @@ def test_pages_return_exactly_the_window_in_order(
     assert all(page.request_id for page in pages)
 
 
+def test_the_next_page_is_requested_while_the_caller_works_on_the_page_before(
+    sim: HermesSimulator, connect: Callable[..., HermesClient]
+) -> None:
+    def answered() -> int:
+        return sim.stats.count(path="/api/v1/clients", status=200)
+
+    before = answered()
+    pages = connect(page_size=10).iter_pages(*whole(sim))
+
+    first = next(pages)
+    # The site is asked for page 2 with page 1's cursor before the caller asks for page 2, and
+    # for nothing further.
+    assert first.next_cursor is not None
+    assert settled(answered, before + 2) == before + 2
+    time.sleep(0.1)
+    assert answered() == before + 2
+    second = next(pages)
+    assert second.number == 2 and second.records == sim.dataset.window(*whole(sim))[10:20]
+    # A caller that stops early leaves at most the one request sent ahead.
+    pages.close()
+    time.sleep(0.1)
+    assert answered() <= before + 3
+
+
 def test_an_empty_window_is_one_empty_last_page(
     sim: HermesSimulator, connect: Callable[..., HermesClient]
 ) -> None:
@@ -520,11 +544,12 @@ def test_the_client_spaces_its_requests_across_threads(
 def test_an_expired_cursor_is_a_cursor_expired_error(
     sim: HermesSimulator, connect: Callable[..., HermesClient]
 ) -> None:
-    sim.set_faults(Faults(cursor_ttl_seconds=0.2))
+    # Each answer takes 0.3 s: a cursor is older than its 0.2 s when the site reads it, however
+    # soon the client sends it.
+    sim.set_faults(Faults(cursor_ttl_seconds=0.2, latency_seconds=0.3))
     refused = sim.stats.count(path="/api/v1/clients", status=400)
     pages = connect(page_size=10).iter_pages(*whole(sim))
     next(pages)
-    time.sleep(0.3)
 
     with pytest.raises(CursorExpiredError) as caught:
         next(pages)
