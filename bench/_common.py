@@ -372,9 +372,11 @@ def simulator(
     end: datetime,
     seed: int = 7,
     dirty_share: float | None = None,
+    latency: float = 0.0,
     timeout: float = 600.0,
 ) -> Iterator[Simulator]:
-    """Start the bundled simulator on a free port in its own process group; stop it afterwards."""
+    """Start the bundled simulator on a free port in its own process group; stop it afterwards.
+    ``latency``: seconds the site waits before each answer (a site across a network)."""
     command = [
         str(CLI),
         "simulate",
@@ -393,6 +395,8 @@ def simulator(
     ]
     if dirty_share is not None:
         command += ["--dirty-share", str(dirty_share)]
+    if latency:
+        command += ["--latency", str(latency)]
     started = time.perf_counter()
     proc = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True

@@ -10,6 +10,7 @@ step, and the peak RSS of the sync process, the simulator and the PostgreSQL bac
 
     .venv/bin/python bench/sync_throughput.py                      # 200,000 clients
     .venv/bin/python bench/sync_throughput.py --clients 200000 1000000   # the memory curve
+    .venv/bin/python bench/sync_throughput.py --latency 0.02       # a site 20 ms away
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def measure_ceilings(
     }
 
 
-def bench_one(clients: int, seed: int, timeout: float) -> dict[str, Any]:
+def bench_one(clients: int, seed: int, timeout: float, latency: float) -> dict[str, Any]:
     """Everything for one dataset size, from a fresh simulator and database."""
     start, end = partition_window()
     # The whole updated_at range inside the one partition, an hour clear of both edges.
@@ -106,7 +107,9 @@ def bench_one(clients: int, seed: int, timeout: float) -> dict[str, Any]:
     load = c.load_average()
     with (
         tempfile.TemporaryDirectory(prefix="hermes_bench_") as tmp,
-        c.simulator(clients=clients, start=data_start, end=data_end, seed=seed) as sim,
+        c.simulator(
+            clients=clients, start=data_start, end=data_end, seed=seed, latency=latency
+        ) as sim,
         c.postgres_database("hermes_bench_sync") as database,
     ):
         root = Path(tmp)
@@ -123,7 +126,9 @@ def bench_one(clients: int, seed: int, timeout: float) -> dict[str, Any]:
         scratch = root / "out"
         print(
             f"\n-- {clients:,} clients: {sim.versions:,} client versions in partition {PARTITION}"
-            f" (simulator ready in {sim.startup_seconds:.1f} s); load {load}",
+            f" (simulator ready in {sim.startup_seconds:.1f} s"
+            f"{f'; it answers each request after {latency * 1000:g} ms' if latency else ''});"
+            f" load {load}",
             flush=True,
         )
         common = {
@@ -143,6 +148,7 @@ def bench_one(clients: int, seed: int, timeout: float) -> dict[str, Any]:
         simulator_peak = sim.read_peak()
     result = {
         "clients": clients,
+        "site_latency_seconds": latency,
         "versions_served": sim.versions,
         "load_average_before": load,
         "load_average_after": c.load_average(),
@@ -211,11 +217,18 @@ def main() -> int:
     parser.add_argument(
         "--timeout", type=float, default=1800, help="limit per measured process, s (default 1800)"
     )
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="seconds the simulator waits before each answer, as a site across a network would "
+        "(default 0: the site on this machine answers at once)",
+    )
     args = parser.parse_args()
     info = c.machine()
     c.print_header("sync throughput: one partition through Dagster into PostgreSQL", info)
     started = time.perf_counter()
-    runs = [bench_one(clients, args.seed, args.timeout) for clients in args.clients]
+    runs = [bench_one(clients, args.seed, args.timeout, args.latency) for clients in args.clients]
     if len(runs) > 1:
         print("\n-- memory curve (peak RSS of the sync process, first load / re-sync)")
         for run in runs:
