@@ -522,34 +522,32 @@ class HermesClient:
         cursor: str | None = None
         number = 0
         sent: _Sent | None = None
-        with ThreadPoolExecutor(1, thread_name_prefix="hermes-next-page") as ahead:
-            try:
-                while True:
-                    number += 1
-                    query = params if cursor is None else {**params, "cursor": cursor}
-                    answer = self._get(
-                        "/clients", query, what=f"GET /clients page {number}", sent=sent
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="hermes-next-page")
+        try:
+            while True:
+                number += 1
+                query = params if cursor is None else {**params, "cursor": cursor}
+                answer = self._get("/clients", query, what=f"GET /clients page {number}", sent=sent)
+                page = self._page(answer, number)
+                if page.next_cursor is not None and page.next_cursor == cursor:
+                    # Following it would read the same page forever.
+                    raise self._protocol_error(
+                        f"GET /clients page {number} answered the cursor it was sent as its "
+                        f"next_cursor{_rid(answer.request_id)}.",
+                        answer.request_id,
+                        status=200,
                     )
-                    sent = None
-                    page = self._page(answer, number)
-                    if page.next_cursor is not None and page.next_cursor == cursor:
-                        # Following it would read the same page forever.
-                        raise self._protocol_error(
-                            f"GET /clients page {number} answered the cursor it was sent as its "
-                            f"next_cursor{_rid(answer.request_id)}.",
-                            answer.request_id,
-                            status=200,
-                        )
-                    if page.next_cursor is None:
-                        yield page
-                        return
-                    cursor = page.next_cursor
-                    query = {**params, "cursor": cursor}
-                    sent = _Sent(ahead.submit(self._send, "/clients", query), time.monotonic())
+                if page.next_cursor is None:
                     yield page
-            finally:
-                if sent is not None:  # the caller stopped early: the request is let finish
-                    sent.response.cancel()
+                    return
+                cursor = page.next_cursor
+                query = {**params, "cursor": cursor}
+                sent = _Sent(ahead.submit(self._send, "/clients", query), time.monotonic())
+                yield page
+        finally:
+            # A caller that stops early (or fails) does not wait for a request sent ahead: it
+            # ends on its own, and its answer is dropped.
+            ahead.shutdown(wait=False, cancel_futures=True)
 
     def _page(self, answer: _Answer, number: int) -> ClientPage:
         body = answer.body

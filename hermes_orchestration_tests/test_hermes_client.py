@@ -183,6 +183,19 @@ def test_the_next_page_is_requested_while_the_caller_works_on_the_page_before(
     assert answered() <= before + 3
 
 
+def test_a_caller_that_stops_early_does_not_wait_for_the_page_requested_ahead(
+    sim: HermesSimulator, connect: Callable[..., HermesClient]
+) -> None:
+    sim.set_faults(Faults(latency_seconds=1.0))  # every answer takes a second
+    pages = connect(page_size=10).iter_pages(*whole(sim))
+    next(pages)  # page 2 is requested ahead now, and answers a second later
+
+    started = time.monotonic()
+    pages.close()
+
+    assert time.monotonic() - started < 0.5
+
+
 def test_an_empty_window_is_one_empty_last_page(
     sim: HermesSimulator, connect: Callable[..., HermesClient]
 ) -> None:
