@@ -520,13 +520,13 @@ class HermesClient:
         read, on a thread, so that the site prepares and sends it while the caller works through
         the page; its answer is then judged (and retried if need be) like any other."""
         cursor: str | None = None
+        query = params
         number = 0
         sent: _Sent | None = None
         ahead = ThreadPoolExecutor(1, thread_name_prefix="hermes-next-page")
         try:
             while True:
                 number += 1
-                query = params if cursor is None else {**params, "cursor": cursor}
                 answer = self._get("/clients", query, what=f"GET /clients page {number}", sent=sent)
                 page = self._page(answer, number)
                 if page.next_cursor is not None and page.next_cursor == cursor:
