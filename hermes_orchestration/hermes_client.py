@@ -335,12 +335,31 @@ def _decode_json(content: bytes) -> Any:
         return json.loads(content, parse_float=_number_or_text, parse_int=_int_or_text)
 
 
-@dataclass(frozen=True)
 class _Sent:
-    """A request sent ahead on a thread: its response (or the error sending it) and when."""
+    """A request sent ahead on ``executor``: its response (or the error sending it) and, once it
+    is answered, how long it took (the time the caller spent meanwhile is not the request's)."""
 
-    response: Future[httpx.Response]
-    at: float  # time.monotonic()
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        send: Callable[[str, dict[str, str]], httpx.Response],
+        path: str,
+        params: dict[str, str],
+    ) -> None:
+        self.seconds = 0.0
+        self.response: Future[httpx.Response] = executor.submit(self._timed, send, path, params)
+
+    def _timed(
+        self,
+        send: Callable[[str, dict[str, str]], httpx.Response],
+        path: str,
+        params: dict[str, str],
+    ) -> httpx.Response:
+        started = time.monotonic()
+        try:
+            return send(path, params)
+        finally:
+            self.seconds = time.monotonic() - started
 
 
 class HermesClient:
@@ -542,7 +561,7 @@ class HermesClient:
                     return
                 cursor = page.next_cursor
                 query = {**params, "cursor": cursor}
-                sent = _Sent(ahead.submit(self._send, "/clients", query), time.monotonic())
+                sent = _Sent(ahead, self._send, "/clients", query)
                 yield page
         finally:
             # A caller that stops early (or fails) does not wait for a request sent ahead: it
@@ -589,12 +608,12 @@ class HermesClient:
         attempt = 0
         while True:
             attempt += 1
-            started = time.monotonic() if sent is None else sent.at
+            started = time.monotonic()
             try:
                 return self._attempt(path, params, what=what, sent=sent)
             except _Retry as failure:
+                spent += time.monotonic() - started if sent is None else sent.seconds
                 sent = None
-                spent += time.monotonic() - started
                 delay = self._delay(attempt, failure.retry_after)
                 if attempt >= policy.max_attempts or spent + delay > policy.max_total_seconds:
                     self._give_up(what, failure, attempt, spent, delay)

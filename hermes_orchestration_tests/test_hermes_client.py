@@ -466,6 +466,27 @@ def test_the_total_time_budget_bounds_the_retries(
     assert "5 s budget" in str(caught.value)
 
 
+def test_the_time_a_caller_spends_on_a_page_is_not_taken_from_the_next_pages_budget() -> None:
+    first = {"data": [{"id": "a"}], "next_cursor": "c1"}
+    last = {"data": [{"id": "b"}], "next_cursor": None}
+    unavailable: Answer = (503, {}, b"try later")
+    policy = RetryPolicy(base_delay=0.01, max_delay=0.01, max_total_seconds=0.5)
+    with (
+        ScriptedSite([json_answer(first), unavailable, json_answer(last)]) as site,
+        site.client(retry=policy) as client,
+    ):
+        pages = client.iter_pages(
+            datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 2, tzinfo=UTC)
+        )
+        next(pages)  # page 2 is requested ahead now, and refused at once
+        time.sleep(1.0)  # the caller works on page 1 for longer than a request's whole budget
+
+        second = next(pages)
+
+    assert second.records == [{"id": "b"}]
+    assert len(site.requests) == 3  # the refused request ahead, then its retry
+
+
 def test_rate_limited_answers_are_retried_after_retry_after(
     sim: HermesSimulator, connect: Callable[..., HermesClient], caplog: pytest.LogCaptureFixture
 ) -> None:
