@@ -143,6 +143,10 @@ class ClientPage:
     number: int  # 1-based page number within the window
 
 
+# A site slower than this to answer a page has the next one requested ahead (see _pages).
+SEND_AHEAD_AFTER_SECONDS = 0.01
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Bounds on retrying one request.
@@ -400,6 +404,7 @@ class HermesClient:
         self._log = logger if logger is not None else _log
         self._sleep = sleep
         self._limiter = _RateLimiter(max_requests_per_second, sleep)
+        self._answer_seconds = 0.0  # how long the site took to answer the last request
         self._random = random.Random()
         self._token = _Secret(self._checked_token(token))
         self._http = httpx.Client(
@@ -535,9 +540,15 @@ class HermesClient:
         return self._pages(params)
 
     def _pages(self, params: dict[str, str]) -> Iterator[ClientPage]:
-        """The pages of a listing. The next page is requested as soon as a page's cursor is
-        read, on a thread, so that the site prepares and sends it while the caller works through
-        the page; its answer is then judged (and retried if need be) like any other."""
+        """The pages of a listing.
+
+        When the site took ``SEND_AHEAD_AFTER_SECONDS`` or more to answer a page (a site across
+        a network), the next page is requested as soon as the page's cursor is read, on a
+        thread, so that the site prepares and sends it while the caller works through the page;
+        its answer is then judged (and retried if need be) like any other. A site that answers
+        sooner is asked page after page: handing a request to a thread and its answer back costs
+        more than the few milliseconds it could overlap.
+        """
         cursor: str | None = None
         query = params
         number = 0
@@ -561,7 +572,9 @@ class HermesClient:
                     return
                 cursor = page.next_cursor
                 query = {**params, "cursor": cursor}
-                sent = _Sent(ahead, self._send, "/clients", query)
+                sent = None
+                if self._answer_seconds >= SEND_AHEAD_AFTER_SECONDS:
+                    sent = _Sent(ahead, self._send, "/clients", query)
                 yield page
         finally:
             # A caller that stops early (or fails) does not wait for a request sent ahead: it
@@ -670,7 +683,10 @@ class HermesClient:
 
     def _send(self, path: str, params: dict[str, str]) -> httpx.Response:
         self._limiter.acquire()
-        return self._http.get(path, params=params)
+        started = time.monotonic()
+        response = self._http.get(path, params=params)
+        self._answer_seconds = time.monotonic() - started
+        return response
 
     def _attempt(
         self, path: str, params: dict[str, str], *, what: str, sent: _Sent | None = None

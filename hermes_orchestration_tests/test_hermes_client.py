@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from hermes_orchestration.hermes_client import (
+    SEND_AHEAD_AFTER_SECONDS,
     AuthError,
     ClientPage,
     CursorExpiredError,
@@ -159,9 +160,11 @@ def test_pages_return_exactly_the_window_in_order(
     assert all(page.request_id for page in pages)
 
 
-def test_the_next_page_is_requested_while_the_caller_works_on_the_page_before(
+def test_a_site_slow_to_answer_is_asked_for_the_next_page_while_the_caller_works_on_one(
     sim: HermesSimulator, connect: Callable[..., HermesClient]
 ) -> None:
+    sim.set_faults(Faults(latency_seconds=SEND_AHEAD_AFTER_SECONDS * 5))  # a site far away
+
     def answered() -> int:
         return sim.stats.count(path="/api/v1/clients", status=200)
 
@@ -181,6 +184,24 @@ def test_the_next_page_is_requested_while_the_caller_works_on_the_page_before(
     pages.close()
     time.sleep(0.1)
     assert answered() <= before + 3
+
+
+def test_a_site_that_answers_at_once_is_asked_page_after_page(
+    sim: HermesSimulator, connect: Callable[..., HermesClient]
+) -> None:
+    def answered() -> int:
+        return sim.stats.count(path="/api/v1/clients", status=200)
+
+    before = answered()
+    pages = connect(page_size=10).iter_pages(*whole(sim))
+
+    next(pages)
+    time.sleep(0.2)
+
+    # The simulator on this machine answers in a few milliseconds: nothing is requested ahead.
+    assert answered() == before + 1
+    assert next(pages).number == 2
+    assert settled(answered, before + 2) == before + 2
 
 
 def test_a_caller_that_stops_early_does_not_wait_for_the_page_requested_ahead(
@@ -472,7 +493,10 @@ def test_the_time_a_caller_spends_on_a_page_is_not_taken_from_the_next_pages_bud
     unavailable: Answer = (503, {}, b"try later")
     policy = RetryPolicy(base_delay=0.01, max_delay=0.01, max_total_seconds=0.5)
     with (
-        ScriptedSite([json_answer(first), unavailable, json_answer(last)]) as site,
+        ScriptedSite(
+            [json_answer(first), unavailable, json_answer(last)],
+            delay=SEND_AHEAD_AFTER_SECONDS * 2,  # slow enough to be asked ahead
+        ) as site,
         site.client(retry=policy) as client,
     ):
         pages = client.iter_pages(
@@ -819,11 +843,11 @@ def json_answer(body: object) -> Answer:
 class ScriptedSite:
     """A loopback HTTP site that plays ``answers`` in order, repeating the last one.
 
-    Every answer carries ``X-Request-Id: req-<n>``. ``requests`` records each request's path,
-    decoded query and lower-cased headers.
+    Every answer carries ``X-Request-Id: req-<n>`` and comes ``delay`` seconds after its
+    request. ``requests`` records each request's path, decoded query and lower-cased headers.
     """
 
-    def __init__(self, answers: list[Answer]) -> None:
+    def __init__(self, answers: list[Answer], delay: float = 0.0) -> None:
         self.requests: list[tuple[str, dict[str, list[str]], dict[str, str]]] = []
         site = self
 
@@ -835,6 +859,7 @@ class ScriptedSite:
                 headers = {key.lower(): value for key, value in self.headers.items()}
                 site.requests.append((parts.path, parse_qs(parts.query), headers))
                 status, extra, body = answers[min(len(site.requests), len(answers)) - 1]
+                time.sleep(delay)
                 self.send_response(status)
                 self.send_header("X-Request-Id", f"req-{len(site.requests)}")
                 self.send_header("Content-Length", str(len(body)))
