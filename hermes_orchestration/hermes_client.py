@@ -143,7 +143,7 @@ class ClientPage:
     number: int  # 1-based page number within the window
 
 
-# A site slower than this to answer a page has the next one requested ahead (see _pages).
+# A site that takes this long or longer to answer a page is asked for the next one ahead (_pages).
 SEND_AHEAD_AFTER_SECONDS = 0.01
 
 
