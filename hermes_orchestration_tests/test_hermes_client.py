@@ -208,6 +208,11 @@ def test_a_caller_that_stops_early_does_not_wait_for_the_page_requested_ahead(
     sim: HermesSimulator, connect: Callable[..., HermesClient]
 ) -> None:
     sim.set_faults(Faults(latency_seconds=1.0))  # every answer takes a second
+
+    def answered() -> int:
+        return sim.stats.count(path="/api/v1/clients", status=200)
+
+    before = answered()
     pages = connect(page_size=10).iter_pages(*whole(sim))
     next(pages)  # page 2 is requested ahead now, and answers a second later
 
@@ -215,6 +220,8 @@ def test_a_caller_that_stops_early_does_not_wait_for_the_page_requested_ahead(
     pages.close()
 
     assert time.monotonic() - started < 0.5
+    # The request was indeed out when the caller stopped: the site answers it afterwards.
+    assert settled(answered, before + 2) == before + 2
 
 
 def test_an_empty_window_is_one_empty_last_page(
@@ -504,6 +511,7 @@ def test_the_time_a_caller_spends_on_a_page_is_not_taken_from_the_next_pages_bud
         )
         next(pages)  # page 2 is requested ahead now, and refused at once
         time.sleep(1.0)  # the caller works on page 1 for longer than a request's whole budget
+        assert len(site.requests) == 2  # (the refused request went out ahead)
 
         second = next(pages)
 
