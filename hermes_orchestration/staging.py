@@ -1,21 +1,31 @@
 """Per-partition Parquet files that carry clients from one asset to the next.
 
-Each asset of an integration writes one file per partition key, atomically: a file is either the
-complete output of a finished step or absent, never half-written. A step that fails leaves the
-previous version of its files in place.
+Each asset of an integration stages each partition key's rows atomically: a partition's staged
+rows are either the complete output of a finished step or absent, never half-written. A step
+that fails leaves the previous version of its files in place.
+
+A partition of a row group of rows or more has a file of its own. The small partitions of a step
+that stages several (a range run's days or hours) share one file instead, a bundle, in which each
+one's rows follow the previous one's: a partition's path is then a symbolic link to the bundle,
+whose footer says where in it each partition's rows are. Writing and reading a file costs about
+a millisecond whatever its size, which a year of daily partitions would pay a thousand times per
+step. A bundle is deleted once no partition links to it any more.
 """
 
 from __future__ import annotations
 
-import functools
+import bisect
+import json
 import os
 import shutil
+import threading
+import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,9 +43,19 @@ ROW_GROUP_ROWS = 32_768
 # hold distinct values) would cost a quarter of the writing time and save nothing.
 _WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": False, "write_statistics": False}
 
-
 # Row groups of fewer rows are decoded on the reading thread alone (see ``_threaded``).
 _THREADED_READ_ROWS = 8_192
+
+# Bundles live in this folder of a stage's folder; their footer's key-value metadata holds, under
+# ``_BUNDLE_INDEX``, each partition's first row, row count and metadata.
+BUNDLES = ".bundles"
+_BUNDLE_INDEX = "hermes.bundle"
+_BUNDLE = (
+    "/bundle"  # the key of a stage's bundle among the files being written: never a partition's
+)
+# A bundle that no partition links to and older than this is a leftover of a step that stopped
+# while publishing its files, and deleted when its folder is next tidied.
+_LEFTOVER_SECONDS = 24 * 3600
 
 
 class MissingStagedDataError(Exception):
@@ -48,17 +68,26 @@ class PartitionStaging:
 
     root: Path
     integration: str
+    # The row groups of bundles decoded last: a bundle's partitions read one after another
+    # decode each of its row groups once.
+    _decoded: _DecodedGroups = field(
+        default_factory=lambda: _DecodedGroups(), init=False, compare=False, repr=False
+    )
 
     def path(self, stage: str, partition_key: str) -> Path:
-        """The file of ``stage`` (e.g. ``raw_clients``) for ``partition_key``."""
-        return self.root / self.integration / stage / f"{_safe(partition_key)}.parquet"
+        """The file of ``stage`` (e.g. ``raw_clients``) for ``partition_key``: the partition's
+        own, or a link to the bundle that holds its rows."""
+        return self.stage_folder(stage) / f"{_safe(partition_key)}.parquet"
 
     def read(self, stage: str, partition_key: str, columns: list[str] | None = None) -> pa.Table:
         """The whole staged table of a partition (only ``columns`` if given); raises
         MissingStagedDataError when absent."""
+        path, footer, member = self._located(stage, partition_key)
+        if member is not None:
+            return self._decoded.member(path, footer, member, columns)
         # ParquetFile rather than read_table: no dataset to discover, half the cost of reading
-        # a small file (a range run reads a thousand).
-        with pq.ParquetFile(self._existing(stage, partition_key)) as file:
+        # a small file.
+        with pq.ParquetFile(path) as file:
             return file.read(columns=columns, use_threads=_threaded(file.metadata.num_rows))
 
     def batches(
@@ -68,13 +97,27 @@ class PartitionStaging:
         (MissingStagedDataError when absent), so that a reader holds a row group, not the
         partition. The file is opened when the reading starts and closed when it ends: a load
         holds the batches of a thousand partitions, not a thousand open files."""
-        return _read_row_groups(self._existing(stage, partition_key), columns)
+        path, footer, member = self._located(stage, partition_key)
+        if member is not None:
+            return self._decoded.member_batches(path, footer, member, columns)
+        return _read_row_groups(path, columns)
 
-    def _existing(self, stage: str, partition_key: str) -> Path:
+    def _located(self, stage: str, partition_key: str) -> tuple[Path, _Footer, _Member | None]:
+        """A partition's file, its footer, and where its rows are if the file is a bundle."""
         path = self.path(stage, partition_key)
-        if not path.exists():
+        footer = _footer(path)
+        if footer is None:
             raise self._missing(stage, partition_key)
-        return path
+        if footer.members is None:
+            return path, footer, None
+        member = footer.members.get(partition_key)
+        if member is None:  # a link into a bundle that does not hold the partition
+            raise MissingStagedDataError(
+                f"{stage} of integration '{self.integration}' for partition {partition_key}: "
+                f"{path} links to a bundle of other partitions; materialize the upstream asset "
+                "for that partition again."
+            )
+        return path, footer, member
 
     def _missing(self, stage: str, partition_key: str) -> MissingStagedDataError:
         return MissingStagedDataError(
@@ -83,20 +126,27 @@ class PartitionStaging:
         )
 
     def metadata(self, stage: str, partition_key: str) -> dict[str, str]:
-        """The key-value metadata a staged file was written with ({} when absent)."""
+        """The key-value metadata a partition's rows were staged with ({} when absent)."""
         footer = _footer(self.path(stage, partition_key))
-        return {} if footer is None else dict(footer.metadata)
+        if footer is None:
+            return {}
+        if footer.members is None:
+            return dict(footer.metadata)
+        member = footer.members.get(partition_key)
+        return {} if member is None else dict(member.metadata)
 
     def rows(self, stage: str, partition_key: str) -> int:
         """How many rows a partition's staged file holds (MissingStagedDataError when absent)."""
-        footer = _footer(self.path(stage, partition_key))
-        if footer is None:
-            raise self._missing(stage, partition_key)
-        return footer.rows
+        _, footer, member = self._located(stage, partition_key)
+        return footer.rows if member is None else member.rows
 
     def exists(self, stage: str, partition_key: str) -> bool:
         """Whether a partition's file of ``stage`` has been written."""
         return self.path(stage, partition_key).exists()
+
+    def stage_folder(self, stage: str) -> Path:
+        """The folder of a stage's files."""
+        return self.root / self.integration / stage
 
     @contextmanager
     def transaction(self) -> Iterator[StagedWrites]:
@@ -113,18 +163,48 @@ class PartitionStaging:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+@dataclass
+class _Small:
+    """A finished partition of fewer rows than a row group, none of them written yet."""
+
+    key: str
+    rows: pa.Table
+    metadata: dict[str, str] | None
+
+
+class _Bundle:
+    """The file being written of a stage's small partitions, one after another."""
+
+    def __init__(self, stage: str, path: Path, schema: pa.Schema) -> None:
+        self.stage = stage
+        self.file = _StagedFile(path, schema)
+        self.members: dict[str, _Member] = {}
+        self.rows = 0
+
+    def index(self) -> dict[str, str]:
+        """The footer metadata that says where each partition's rows are."""
+        members = {
+            key: [member.start, member.rows, dict(member.metadata)]
+            for key, member in self.members.items()
+        }
+        return {_BUNDLE_INDEX: json.dumps(members, separators=(",", ":"))}
+
+
 class StagedWrites:
     """Files being written by one step; see ``PartitionStaging.transaction``.
 
     Rows are encoded and written by a thread of the step's own, in the order they were handed
     over, while the step goes on (Arrow works without Python's lock): a row group of a large
-    partition while the next one is gathered, the small files of a range run while the step
-    prepares the next partitions. What waits for the thread is bounded by rows, so a step holds
-    about two row groups at most, the ones being written and the one being gathered; a failure
-    in the thread is raised by the step's next write, finish or close, and fails the step.
+    partition while the next one is gathered, a bundle's row group of small partitions while the
+    step prepares the next partitions. What waits for the thread is bounded by rows, so a step
+    holds about two row groups at most, the ones being written and the one being gathered; a
+    failure in the thread is raised by the step's next write, finish or close, and fails the
+    step.
 
     A file is opened when the thread writes its first rows and closed when it is finished, so a
     step that works through many partitions holds one or two open files, not one per partition.
+    A partition finished with fewer rows than a row group, none of them written yet, goes into
+    its stage's bundle once a second such partition is finished; one alone gets its own file.
     """
 
     def __init__(self, staging: PartitionStaging, scratch: Path) -> None:
@@ -132,7 +212,11 @@ class StagedWrites:
         self._scratch = scratch
         self._open_files: dict[tuple[str, str], _StagedFile] = {}  # not finished yet
         self._pending: dict[tuple[str, str], list[pa.RecordBatch]] = {}
-        self._files: dict[tuple[str, str], Path] = {}
+        # Where each partition's rows go: its own file, a bundle, or held until it is known.
+        self._files: dict[tuple[str, str], Path | _Bundle | _Small] = {}
+        self._alone: dict[str, _Small] = {}  # by stage: the one small partition finished so far
+        self._bundles: dict[str, _Bundle] = {}  # by stage: the bundle being written
+        self._finished_bundles: list[_Bundle] = []
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="staged-writes")
         self._queued: deque[tuple[Future[None], int]] = deque()  # handed over, with their rows
 
@@ -146,12 +230,19 @@ class StagedWrites:
         file = self._open_files.get(key)
         if file is None:
             file = self._open(key, data.schema)
+        self._gather(key, file, data)
+
+    def _gather(
+        self, key: tuple[str, str], file: _StagedFile, data: pa.Table | pa.RecordBatch
+    ) -> None:
+        """Add rows to those waiting for ``file``; hand whole row groups to the writer thread."""
         pending = self._pending.setdefault(key, [])
         pending.extend([data] if isinstance(data, pa.RecordBatch) else data.to_batches())
         gathered = sum(batch.num_rows for batch in pending)
         if gathered >= ROW_GROUP_ROWS:
             table = pa.Table.from_batches(pending)
             whole = gathered - gathered % ROW_GROUP_ROWS
+            file.started = True
             self._hand_over(whole, file.write, table.slice(0, whole))
             self._pending[key] = table.slice(whole).to_batches()
 
@@ -166,7 +257,46 @@ class StagedWrites:
             raise KeyError(f"no open file of {stage} for partition {partition_key}")
         pending = self._pending.pop(key, [])
         rows = pa.Table.from_batches(pending) if pending else file.schema.empty_table()
-        self._hand_over(rows.num_rows, file.complete, rows, metadata)
+        if file.started:
+            self._hand_over(rows.num_rows, file.complete, rows, metadata)
+        else:
+            self._small(stage, _Small(partition_key, rows, metadata))
+
+    def _small(self, stage: str, small: _Small) -> None:
+        """A small partition goes into the stage's bundle; the first one waits for a second."""
+        bundle = self._bundles.get(stage)
+        if bundle is None:
+            first = self._alone.pop(stage, None)
+            if first is None:
+                self._alone[stage] = self._files[(stage, small.key)] = small
+                return
+            path = self._scratch / stage / f"{uuid.uuid4().hex}.parquet"
+            bundle = self._bundles[stage] = _Bundle(stage, path, first.rows.schema)
+            self._into_bundle(bundle, first)
+        if small.rows.schema.equals(bundle.file.schema):
+            self._into_bundle(bundle, small)
+        else:
+            self._alone_in_file(stage, small)
+
+    def _into_bundle(self, bundle: _Bundle, small: _Small) -> None:
+        metadata = tuple((small.metadata or {}).items())
+        bundle.members[small.key] = _Member(bundle.rows, small.rows.num_rows, metadata)
+        bundle.rows += small.rows.num_rows
+        self._files[(bundle.stage, small.key)] = bundle
+        self._gather((bundle.stage, _BUNDLE), bundle.file, small.rows)
+
+    def _alone_in_file(self, stage: str, small: _Small) -> None:
+        del self._files[(stage, small.key)]
+        file = self._open((stage, small.key), small.rows.schema)
+        del self._open_files[(stage, small.key)]
+        self._hand_over(small.rows.num_rows, file.complete, small.rows, small.metadata)
+
+    def _finish_bundle(self, stage: str) -> None:
+        bundle = self._bundles.pop(stage)
+        pending = self._pending.pop((stage, _BUNDLE), [])
+        rows = pa.Table.from_batches(pending, bundle.file.schema)
+        self._hand_over(rows.num_rows, bundle.file.complete, rows, bundle.index())
+        self._finished_bundles.append(bundle)
 
     def _open(self, key: tuple[str, str], schema: pa.Schema) -> _StagedFile:
         stage, partition_key = key
@@ -175,10 +305,23 @@ class StagedWrites:
         path.parent.mkdir(parents=True, exist_ok=True)
         file = self._open_files[key] = _StagedFile(path, schema)
         self._files[key] = path
-        if finished is not None:  # written again after it was finished: carry its rows over
+        # Written again after it was finished: carry its rows over.
+        if isinstance(finished, Path):
             self._wait(0)  # (the thread may not have completed it yet)
             self._pending.setdefault(key, []).extend(_read_row_groups(finished, None))
             finished.unlink()
+        elif isinstance(finished, _Small):
+            del self._alone[stage]
+            self._pending.setdefault(key, []).extend(finished.rows.to_batches())
+        elif isinstance(finished, _Bundle):  # its rows stay there, unread by anyone
+            if self._bundles.get(stage) is finished:
+                self._finish_bundle(stage)
+            self._wait(0)
+            footer = _footer(finished.file.path)
+            assert footer is not None and footer.members is not None
+            member = footer.members[partition_key]
+            batches = _DecodedGroups().member_batches(finished.file.path, footer, member, None)
+            self._pending.setdefault(key, []).extend(batches)
         return file
 
     def _hand_over(self, rows: int, task: Callable[..., None], *args: object) -> None:
@@ -203,6 +346,10 @@ class StagedWrites:
             if not discard:
                 for key in list(self._open_files):
                     self.finish(*key)
+                for stage in list(self._alone):
+                    self._alone_in_file(stage, self._alone.pop(stage))
+                for stage in list(self._bundles):
+                    self._finish_bundle(stage)
                 self._wait(-1)
         finally:
             for done, _ in self._queued:
@@ -210,17 +357,68 @@ class StagedWrites:
             self._queued.clear()
             for file in self._open_files.values():
                 file.close()
+            for bundle in self._bundles.values():
+                bundle.file.close()
             self._open_files.clear()
+            self._bundles.clear()
+            self._alone.clear()
             self._pending.clear()
             self._writer_thread.shutdown()
 
     def publish(self) -> None:
-        """Move the finished files into place, each with one atomic rename."""
-        for (stage, partition_key), path in self._files.items():
+        """Move the finished files into place, each with one atomic rename; a bundle's
+        partitions are each linked to it with one. Bundles no partition links to any more are
+        deleted."""
+        for bundle in self._finished_bundles:
+            if any(self._files.get((bundle.stage, key)) is bundle for key in bundle.members):
+                target = self._staging.stage_folder(bundle.stage) / BUNDLES / bundle.file.path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(bundle.file.path, target)
+        unlinked: dict[Path, set[str]] = {}
+        for (stage, partition_key), where in self._files.items():
             target = self._staging.path(stage, partition_key)
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
+            earlier = _bundle_link(target)
+            if isinstance(where, _Bundle):
+                link = self._scratch / f"{uuid.uuid4().hex}.link"
+                os.symlink(f"{BUNDLES}/{where.file.path.name}", link)
+                os.replace(link, target)
+            else:
+                assert isinstance(where, Path)  # a small partition alone has a file by now
+                os.replace(where, target)
+            if earlier is not None:
+                unlinked.setdefault(target.parent, set()).add(earlier)
         self._files.clear()
+        self._finished_bundles.clear()
+        for folder, links in unlinked.items():
+            _delete_unlinked_bundles(folder, links)
+
+
+def _bundle_link(path: Path) -> str | None:
+    """The bundle a partition's path links to (``.bundles/<name>``), or None."""
+    try:
+        link = os.readlink(path)
+    except OSError:  # absent, or a file of its own
+        return None
+    name = link.removeprefix(f"{BUNDLES}/")
+    return link if name != link and name and "/" not in name else None
+
+
+def _delete_unlinked_bundles(folder: Path, candidates: set[str]) -> None:
+    """Delete the bundles of ``candidates`` that no partition of ``folder`` links to any more,
+    and leftovers of steps that stopped while publishing."""
+    linked = set()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                linked.add(os.readlink(entry.path))
+    for link in candidates - linked:
+        (folder / link).unlink(missing_ok=True)
+    old = time.time() - _LEFTOVER_SECONDS
+    with os.scandir(folder / BUNDLES) as entries:
+        for entry in entries:
+            if f"{BUNDLES}/{entry.name}" not in linked and entry.stat().st_mtime < old:
+                Path(entry.path).unlink(missing_ok=True)
 
 
 class _StagedFile:
@@ -229,10 +427,12 @@ class _StagedFile:
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
         self.schema = schema
+        self.started = False  # rows handed to the writer thread before the file was finished
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, rows: pa.Table) -> None:
         if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.path, self.schema, **_WRITE_OPTIONS)
         self._writer.write_table(rows, row_group_size=ROW_GROUP_ROWS)
 
@@ -253,33 +453,138 @@ class _StagedFile:
 
 
 @dataclass(frozen=True)
-class _Footer:
+class _Member:
+    """Where a partition's rows are in a bundle, and the metadata they were staged with."""
+
+    start: int
     rows: int
     metadata: tuple[tuple[str, str], ...]
 
 
+@dataclass(frozen=True)
+class _Footer:
+    identity: tuple[int, int, int, int]  # device, inode, modification time and size
+    rows: int
+    metadata: tuple[tuple[str, str], ...]
+    members: Mapping[str, _Member] | None = None  # a bundle's partitions
+    group_starts: tuple[int, ...] = ()  # a bundle's first row of each row group, then its rows
+    schema: pa.Schema | None = None  # a bundle's
+
+
+_footers: OrderedDict[tuple[int, int, int, int], _Footer] = OrderedDict()
+_FOOTERS_KEPT = 4096
+_footers_lock = threading.Lock()
+
+
 def _footer(path: Path) -> _Footer | None:
     """The row count and key-value metadata of a staged file (None when absent), read once for
-    each version of the file: a range run asks a thousand files for both, step after step."""
+    each version of the file: a range run asks a thousand partitions for both, step after step,
+    and a bundle's partitions share its footer."""
     try:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    return _read_footer(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    with _footers_lock:
+        footer = _footers.get(identity)
+        if footer is not None:
+            _footers.move_to_end(identity)
+            return footer
+    footer = _read_footer(path, identity)
+    with _footers_lock:
+        _footers[identity] = footer
+        while len(_footers) > _FOOTERS_KEPT:
+            _footers.popitem(last=False)
+    return footer
 
 
-@functools.lru_cache(maxsize=4096)
-def _read_footer(path: str, inode: int, mtime_ns: int, size: int) -> _Footer:
-    footer = pq.read_metadata(path)
-    stored = footer.metadata or {}
-    return _Footer(
-        footer.num_rows,
-        tuple(
+def _read_footer(path: Path, identity: tuple[int, int, int, int]) -> _Footer:
+    with pq.ParquetFile(path) as file:
+        footer = file.metadata
+        stored = footer.metadata or {}
+        index = stored.get(_BUNDLE_INDEX.encode())
+        metadata = tuple(
             (key.decode(), value.decode())
             for key, value in stored.items()
             if not key.startswith(b"ARROW:")  # Arrow's own copy of the schema
-        ),
-    )
+        )
+        if index is None:
+            return _Footer(identity, footer.num_rows, metadata)
+        members = {
+            key: _Member(start, rows, tuple(values.items()))
+            for key, (start, rows, values) in json.loads(index).items()
+        }
+        starts = [0]
+        for group in range(footer.num_row_groups):
+            starts.append(starts[-1] + footer.row_group(group).num_rows)
+        schema = file.schema_arrow.remove_metadata()
+        return _Footer(identity, footer.num_rows, (), members, tuple(starts), schema)
+
+
+class _DecodedGroups:
+    """The row group decoded last of each of a few bundles (a load reads a partition's valid and
+    rejected rows in turn), so that reading a bundle's partitions one after another decodes
+    each of its row groups once."""
+
+    _KEPT = 2
+
+    def __init__(self) -> None:
+        self._groups: OrderedDict[tuple[object, ...], tuple[int, pa.Table]] = OrderedDict()
+
+    def member(
+        self, path: Path, footer: _Footer, member: _Member, columns: list[str] | None
+    ) -> pa.Table:
+        """A bundle's partition's rows (only ``columns`` if given)."""
+        tables = list(self._slices(path, footer, member, columns))
+        if not tables:
+            assert footer.schema is not None
+            schema = footer.schema
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+    def member_batches(
+        self, path: Path, footer: _Footer, member: _Member, columns: list[str] | None
+    ) -> Iterator[pa.RecordBatch]:
+        """A bundle's partition's rows, a row group's share at a time."""
+        for table in self._slices(path, footer, member, columns):
+            yield from table.to_batches()
+
+    def _slices(
+        self, path: Path, footer: _Footer, member: _Member, columns: list[str] | None
+    ) -> Iterator[pa.Table]:
+        end = member.start + member.rows
+        starts = footer.group_starts
+        for index in range(max(bisect.bisect_right(starts, member.start) - 1, 0), len(starts) - 1):
+            low, high = starts[index], starts[index + 1]
+            if low >= end:
+                break
+            table = self._group(path, footer, index, columns)
+            at = max(member.start, low)
+            yield table.slice(at - low, min(end, high) - at)
+
+    def _group(
+        self, path: Path, footer: _Footer, index: int, columns: list[str] | None
+    ) -> pa.Table:
+        key = (footer.identity, None if columns is None else tuple(columns))
+        kept = self._groups.get(key)
+        if kept is not None and kept[0] == index:
+            self._groups.move_to_end(key)
+            return kept[1]
+        with open(path, "rb") as source:
+            stat = os.fstat(source.fileno())
+            if (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size) != footer.identity:
+                raise MissingStagedDataError(
+                    f"{path} was staged again while it was read: run the step again."
+                )
+            with pq.ParquetFile(source) as file:
+                rows = footer.group_starts[index + 1] - footer.group_starts[index]
+                table = file.read_row_group(index, columns=columns, use_threads=_threaded(rows))
+        table = table.replace_schema_metadata(None)  # not the bundle's index
+        self._groups[key] = (index, table)
+        self._groups.move_to_end(key)
+        while len(self._groups) > self._KEPT:
+            self._groups.popitem(last=False)
+        return table
 
 
 def _read_row_groups(path: Path, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
