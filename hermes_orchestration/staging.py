@@ -6,20 +6,22 @@ that fails leaves the previous version of its files in place.
 
 A partition of a row group of rows or more has a file of its own. The small partitions of a step
 that stages several (a range run's days or hours) share one file instead, a bundle, in which each
-one's rows follow the previous one's: a partition's path is then a symbolic link to the bundle,
-whose footer says where in it each partition's rows are. Writing and reading a file costs about
-a millisecond whatever its size, which a year of daily partitions would pay a thousand times per
-step. A bundle is deleted once no partition links to it any more.
+one's rows follow the previous one's, and whose footer says where each partition's rows are: a
+file costs about a millisecond to create, write and read back whatever its size, which a year of
+daily partitions would pay a thousand times a step. A stage's manifest, one file replaced at
+once, names the bundle of each partition that has one; a partition it does not name has a file of
+its own or none. Bundles the manifest no longer names are deleted when it is next replaced.
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
+import functools
 import json
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,16 +49,16 @@ _WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": False, "write_statisti
 # Row groups of fewer rows are decoded on the reading thread alone (see ``_threaded``).
 _THREADED_READ_ROWS = 8_192
 
-# Bundles live in this folder of a stage's folder; their footer's key-value metadata holds, under
-# ``_BUNDLE_INDEX``, each partition's first row, row count and metadata.
+# Bundles live in this folder of a stage's folder, with the manifest and the lock taken to
+# replace it; a bundle's footer holds, under ``_BUNDLE_INDEX``, each partition's first row, row
+# count and metadata.
 BUNDLES = ".bundles"
+_MANIFEST = "manifest.json"
+_LOCK = ".lock"
 _BUNDLE_INDEX = "hermes.bundle"
 _BUNDLE = (
     "/bundle"  # the key of a stage's bundle among the files being written: never a partition's
 )
-# A bundle that no partition links to and older than this is a leftover of a step that stopped
-# while publishing its files, and deleted when its folder is next tidied.
-_LEFTOVER_SECONDS = 24 * 3600
 
 
 class MissingStagedDataError(Exception):
@@ -75,8 +78,8 @@ class PartitionStaging:
     )
 
     def path(self, stage: str, partition_key: str) -> Path:
-        """The file of ``stage`` (e.g. ``raw_clients``) for ``partition_key``: the partition's
-        own, or a link to the bundle that holds its rows."""
+        """The file of its own of ``partition_key`` in ``stage`` (e.g. ``raw_clients``); the rows
+        of a small partition staged with others are in a bundle instead (see ``version``)."""
         return self.stage_folder(stage) / f"{_safe(partition_key)}.parquet"
 
     def read(self, stage: str, partition_key: str, columns: list[str] | None = None) -> pa.Table:
@@ -104,20 +107,22 @@ class PartitionStaging:
 
     def _located(self, stage: str, partition_key: str) -> tuple[Path, _Footer, _Member | None]:
         """A partition's file, its footer, and where its rows are if the file is a bundle."""
-        path = self.path(stage, partition_key)
-        footer = _footer(path)
-        if footer is None:
-            raise self._missing(stage, partition_key)
-        if footer.members is None:
+        folder = self.stage_folder(stage)
+        bundle = _manifest(folder).get(partition_key)
+        if bundle is None:
+            path = self.path(stage, partition_key)
+            footer = _footer(path)
+            if footer is None:
+                raise self._missing(stage, partition_key)
             return path, footer, None
-        member = footer.members.get(partition_key)
-        if member is None:  # a link into a bundle that does not hold the partition
-            raise MissingStagedDataError(
-                f"{stage} of integration '{self.integration}' for partition {partition_key}: "
-                f"{path} links to a bundle of other partitions; materialize the upstream asset "
-                "for that partition again."
+        path = folder / BUNDLES / bundle
+        footer = _footer(path)
+        if footer is None or footer.members is None or partition_key not in footer.members:
+            raise MissingStagedDataError(  # deleted since the manifest was read
+                f"{stage} of integration '{self.integration}' for partition {partition_key} was "
+                "staged again while it was read: run the step again."
             )
-        return path, footer, member
+        return path, footer, footer.members[partition_key]
 
     def _missing(self, stage: str, partition_key: str) -> MissingStagedDataError:
         return MissingStagedDataError(
@@ -127,13 +132,11 @@ class PartitionStaging:
 
     def metadata(self, stage: str, partition_key: str) -> dict[str, str]:
         """The key-value metadata a partition's rows were staged with ({} when absent)."""
-        footer = _footer(self.path(stage, partition_key))
-        if footer is None:
+        try:
+            _, footer, member = self._located(stage, partition_key)
+        except MissingStagedDataError:
             return {}
-        if footer.members is None:
-            return dict(footer.metadata)
-        member = footer.members.get(partition_key)
-        return {} if member is None else dict(member.metadata)
+        return dict(footer.metadata if member is None else member.metadata)
 
     def rows(self, stage: str, partition_key: str) -> int:
         """How many rows a partition's staged file holds (MissingStagedDataError when absent)."""
@@ -141,8 +144,17 @@ class PartitionStaging:
         return footer.rows if member is None else member.rows
 
     def exists(self, stage: str, partition_key: str) -> bool:
-        """Whether a partition's file of ``stage`` has been written."""
-        return self.path(stage, partition_key).exists()
+        """Whether a partition's rows of ``stage`` have been staged."""
+        return self.version(stage, partition_key) is not None
+
+    def version(self, stage: str, partition_key: str) -> tuple[object, ...] | None:
+        """What identifies a partition's staged rows as they were last staged (None when
+        absent): it changes whenever they are staged again, and only then."""
+        try:
+            _, footer, member = self._located(stage, partition_key)
+        except MissingStagedDataError:
+            return None
+        return footer.identity if member is None else (*footer.identity, partition_key)
 
     def stage_folder(self, stage: str) -> Path:
         """The folder of a stage's files."""
@@ -366,59 +378,84 @@ class StagedWrites:
             self._writer_thread.shutdown()
 
     def publish(self) -> None:
-        """Move the finished files into place, each with one atomic rename; a bundle's
-        partitions are each linked to it with one. Bundles no partition links to any more are
-        deleted."""
-        for bundle in self._finished_bundles:
-            if any(self._files.get((bundle.stage, key)) is bundle for key in bundle.members):
-                target = self._staging.stage_folder(bundle.stage) / BUNDLES / bundle.file.path.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(bundle.file.path, target)
-        unlinked: dict[Path, set[str]] = {}
-        for (stage, partition_key), where in self._files.items():
-            target = self._staging.path(stage, partition_key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            earlier = _bundle_link(target)
-            if isinstance(where, _Bundle):
-                link = self._scratch / f"{uuid.uuid4().hex}.link"
-                os.symlink(f"{BUNDLES}/{where.file.path.name}", link)
-                os.replace(link, target)
-            else:
-                assert isinstance(where, Path)  # a small partition alone has a file by now
-                os.replace(where, target)
-            if earlier is not None:
-                unlinked.setdefault(target.parent, set()).add(earlier)
+        """Put the finished files in place: each file of its own with one atomic rename, the
+        partitions of bundles with one replacement of their stage's manifest."""
+        stages = {stage for stage, _ in self._files}
+        for stage in sorted(stages):
+            folder = self._staging.stage_folder(stage)
+            folder.mkdir(parents=True, exist_ok=True)
+            files = {key: where for (at, key), where in self._files.items() if at == stage}
+            bundled = {key: where for key, where in files.items() if isinstance(where, _Bundle)}
+            if not bundled and not (folder / BUNDLES / _MANIFEST).exists():
+                for key, where in files.items():
+                    os.replace(where, self._staging.path(stage, key))  # type: ignore[arg-type]
+                continue
+            with _locked(folder / BUNDLES):
+                self._publish_with_manifest(stage, files)
         self._files.clear()
         self._finished_bundles.clear()
-        for folder, links in unlinked.items():
-            _delete_unlinked_bundles(folder, links)
+
+    def _publish_with_manifest(self, stage: str, files: dict[str, Path | _Bundle | _Small]) -> None:
+        # A file of its own is put in place before the manifest stops naming a bundle for its
+        # partition, a bundle before the manifest names it: readers see one version or the
+        # other, never none.
+        folder = self._staging.stage_folder(stage)
+        before = _manifest(folder)
+        manifest = dict(before)
+        for bundle in {id(where): where for where in files.values()}.values():
+            if isinstance(bundle, _Bundle):
+                os.replace(bundle.file.path, folder / BUNDLES / bundle.file.path.name)
+        for key, where in files.items():
+            if isinstance(where, _Bundle):
+                manifest[key] = where.file.path.name
+            else:
+                assert isinstance(where, Path)  # a small partition alone has a file by now
+                os.replace(where, self._staging.path(stage, key))
+                manifest.pop(key, None)
+        if manifest != before:
+            written = folder / BUNDLES / f"{uuid.uuid4().hex}.json"
+            written.write_text(json.dumps(manifest, separators=(",", ":")))
+            os.replace(written, folder / BUNDLES / _MANIFEST)
+        for key, where in files.items():
+            if isinstance(where, _Bundle):  # the file it had of its own, if any
+                self._staging.path(stage, key).unlink(missing_ok=True)
+        named = set(manifest.values())
+        with os.scandir(folder / BUNDLES) as entries:
+            for entry in entries:
+                if entry.name.endswith(".parquet") and entry.name not in named:
+                    os.unlink(entry.path)
 
 
-def _bundle_link(path: Path) -> str | None:
-    """The bundle a partition's path links to (``.bundles/<name>``), or None."""
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the lock of a stage's bundles: one step at a time replaces its manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / _LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _manifest(folder: Path) -> Mapping[str, str]:
+    """The bundle of each partition of a stage that has one, read once per version of the
+    manifest."""
+    path = folder / BUNDLES / _MANIFEST
     try:
-        link = os.readlink(path)
-    except OSError:  # absent, or a file of its own
-        return None
-    name = link.removeprefix(f"{BUNDLES}/")
-    return link if name != link and name and "/" not in name else None
+        stat = path.stat()
+    except FileNotFoundError:
+        return {}
+    identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return _read_manifest(str(path), identity)
 
 
-def _delete_unlinked_bundles(folder: Path, candidates: set[str]) -> None:
-    """Delete the bundles of ``candidates`` that no partition of ``folder`` links to any more,
-    and leftovers of steps that stopped while publishing."""
-    linked = set()
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_symlink():
-                linked.add(os.readlink(entry.path))
-    for link in candidates - linked:
-        (folder / link).unlink(missing_ok=True)
-    old = time.time() - _LEFTOVER_SECONDS
-    with os.scandir(folder / BUNDLES) as entries:
-        for entry in entries:
-            if f"{BUNDLES}/{entry.name}" not in linked and entry.stat().st_mtime < old:
-                Path(entry.path).unlink(missing_ok=True)
+@functools.lru_cache(maxsize=64)
+def _read_manifest(path: str, identity: tuple[int, int, int, int]) -> Mapping[str, str]:
+    try:
+        return MappingProxyType(json.loads(Path(path).read_bytes()))
+    except FileNotFoundError:  # replaced since its identity was read: the newer one
+        return _manifest(Path(path).parent.parent)
 
 
 class _StagedFile:

@@ -52,7 +52,7 @@ def stage(staging: PartitionStaging, pages: list[list[dict]], *, reuse: bool = T
     return {
         "pages_as_before": staged.pages_as_before,
         "counts": staged.counts,
-        "files": {key: staging.path(RAW, key).stat().st_mtime_ns for key in KEYS},
+        "files": {key: staging.version(RAW, key) for key in KEYS},
         "record": record.stat().st_mtime_ns,
         "rows": {key: staging.read(RAW, key).to_pylist() for key in KEYS},
         "contents": {key: staging.metadata(RAW, key)[CONTENT_KEY] for key in KEYS},
