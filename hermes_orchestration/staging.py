@@ -319,7 +319,7 @@ class StagedWrites:
         self._files[key] = path
         # Written again after it was finished: carry its rows over.
         if isinstance(finished, Path):
-            self._wait(0)  # (the thread may not have completed it yet)
+            self._wait(-1)  # (the thread may not have completed it yet)
             self._pending.setdefault(key, []).extend(_read_row_groups(finished, None))
             finished.unlink()
         elif isinstance(finished, _Small):
@@ -328,7 +328,7 @@ class StagedWrites:
         elif isinstance(finished, _Bundle):  # its rows stay there, unread by anyone
             if self._bundles.get(stage) is finished:
                 self._finish_bundle(stage)
-            self._wait(0)
+            self._wait(-1)
             footer = _footer(finished.file.path)
             assert footer is not None and footer.members is not None
             member = footer.members[partition_key]

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from hermes_orchestration import staging as staging_module
 from hermes_orchestration import sync
 from hermes_orchestration.fingerprints import CONTENT_KEY, ContentDigest
 from hermes_orchestration.records import records_to_batch
@@ -369,3 +370,169 @@ def test_a_range_validates_small_partitions_together_up_to_a_row_group(staging) 
         ["2026-11-05"],
         ["2026-11-06"],
     ]
+
+
+# Small partitions staged together: one bundle per stage and step, named by the stage's manifest.
+
+
+def days(count: int, first: date = date(2026, 1, 1)) -> list[str]:
+    return [(first + timedelta(days=day)).isoformat() for day in range(count)]
+
+
+def stage_days(staging: PartitionStaging, keys: list[str], start: int = 0, rows: int = 3) -> None:
+    """Stage ``rows`` rows for each of ``keys`` in one step, the n-th from ``start + n``."""
+    with staging.transaction() as writes:
+        for offset, key in enumerate(keys):
+            writes.write("validated_clients", key, numbers(start + offset, rows))
+            writes.finish("validated_clients", key, {"first": str(start + offset)})
+
+
+def stage_folder(staging: PartitionStaging) -> list[str]:
+    folder = staging.root / "tienda_test" / "validated_clients"
+    return sorted(path.name for path in folder.iterdir())
+
+
+def bundles(staging: PartitionStaging) -> list[str]:
+    folder = staging.root / "tienda_test" / "validated_clients" / ".bundles"
+    return sorted(path.name for path in folder.glob("*.parquet"))
+
+
+@pytest.fixture(params=[None, 4], ids=["row-groups-of-32768", "row-groups-of-4"])
+def row_groups_of(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With row groups of 4 rows, most partitions of a bundle straddle two of its row groups."""
+    if request.param:
+        monkeypatch.setattr(staging_module, "ROW_GROUP_ROWS", request.param)
+
+
+def test_the_small_partitions_of_a_step_share_one_file_and_read_back_as_their_own(
+    staging, row_groups_of
+) -> None:
+    keys = days(365)
+    stage_days(staging, keys)
+    assert stage_folder(staging) == [".bundles"]  # not 365 files
+    assert len(bundles(staging)) == 1
+    for offset, key in enumerate(keys):
+        expected = [offset, offset + 1, offset + 2]
+        assert staging.read("validated_clients", key).column("n").to_pylist() == expected
+        batches = staging.batches("validated_clients", key, columns=["n"])
+        assert pa.Table.from_batches(list(batches)).column("n").to_pylist() == expected
+        assert staging.rows("validated_clients", key) == 3
+        assert staging.metadata("validated_clients", key) == {"first": str(offset)}
+        assert staging.exists("validated_clients", key)
+    assert not staging.exists("validated_clients", "2027-01-01")
+    with pytest.raises(MissingStagedDataError, match="no data for partition 2027-01-01"):
+        staging.read("validated_clients", "2027-01-01")
+
+
+def test_an_empty_partition_of_a_bundle_reads_back_empty_with_its_columns(staging) -> None:
+    with staging.transaction() as writes:
+        writes.write("validated_clients", "2026-01-01", numbers(0, 2))
+        writes.finish("validated_clients", "2026-01-01")
+        writes.write("validated_clients", "2026-01-02", numbers(0, 0))
+        writes.finish("validated_clients", "2026-01-02", {"empty": "yes"})
+    assert len(bundles(staging)) == 1
+    empty = staging.read("validated_clients", "2026-01-02")
+    assert (empty.num_rows, empty.schema.names) == (0, ["n"])
+    assert list(staging.batches("validated_clients", "2026-01-02")) == []
+    assert staging.metadata("validated_clients", "2026-01-02") == {"empty": "yes"}
+
+
+def test_a_small_partition_staged_alone_has_a_file_of_its_own(staging) -> None:
+    stage_days(staging, ["2026-01-01"])
+    assert stage_folder(staging) == ["2026-01-01.parquet"]
+    assert staging.read("validated_clients", "2026-01-01").column("n").to_pylist() == [0, 1, 2]
+
+
+def test_a_partition_of_a_row_group_or_more_keeps_a_file_of_its_own_beside_a_bundle(
+    staging,
+) -> None:
+    with staging.transaction() as writes:
+        for key, rows in (("2026-01-01", 2), ("2026-01-02", ROW_GROUP_ROWS), ("2026-01-03", 2)):
+            writes.write("validated_clients", key, numbers(0, rows))
+            writes.finish("validated_clients", key)
+    assert stage_folder(staging) == [".bundles", "2026-01-02.parquet"]
+    assert staging.rows("validated_clients", "2026-01-02") == ROW_GROUP_ROWS
+    assert staging.rows("validated_clients", "2026-01-03") == 2
+
+
+def test_a_partition_staged_again_alone_replaces_its_rows_in_the_bundle_and_the_others_stay(
+    staging,
+) -> None:
+    keys = days(3)
+    stage_days(staging, keys, start=0)
+    versions = {key: staging.version("validated_clients", key) for key in keys}
+    stage_days(staging, [keys[1]], start=100)  # a run of one partition: a file of its own
+    assert staging.read("validated_clients", keys[1]).column("n").to_pylist() == [100, 101, 102]
+    assert staging.metadata("validated_clients", keys[1]) == {"first": "100"}
+    assert staging.version("validated_clients", keys[1]) != versions[keys[1]]
+    for key in (keys[0], keys[2]):
+        assert staging.version("validated_clients", key) == versions[key]  # not written again
+    assert staging.read("validated_clients", keys[2]).column("n").to_pylist() == [2, 3, 4]
+    stage_days(staging, keys, start=200)  # the range again: its file of its own goes
+    assert stage_folder(staging) == [".bundles"]
+    assert staging.read("validated_clients", keys[1]).column("n").to_pylist() == [201, 202, 203]
+
+
+def test_a_bundle_is_deleted_once_none_of_its_partitions_are_read_from_it(staging) -> None:
+    stage_days(staging, days(4), start=0)
+    first = bundles(staging)
+    stage_days(staging, days(2), start=10)  # the first two again: the first bundle still serves
+    assert len(bundles(staging)) == 2 and first[0] in bundles(staging)
+    stage_days(staging, days(4)[2:], start=20)  # and the other two: nothing left in it
+    assert len(bundles(staging)) == 2 and first[0] not in bundles(staging)
+    read = [staging.read("validated_clients", key).column("n")[0].as_py() for key in days(4)]
+    assert read == [10, 11, 20, 21]
+
+
+def test_a_failed_step_keeps_the_bundle_of_the_one_before(staging) -> None:
+    keys = days(30)
+    stage_days(staging, keys, start=0)
+    before = bundles(staging)
+    with pytest.raises(RuntimeError), staging.transaction() as writes:
+        for key in keys:
+            writes.write("validated_clients", key, numbers(1000, 3))
+            writes.finish("validated_clients", key)
+        raise RuntimeError("the database went away")
+    assert bundles(staging) == before
+    assert staging.read("validated_clients", keys[29]).column("n").to_pylist() == [29, 30, 31]
+    assert not any((staging.root / "tienda_test" / ".incoming").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("finished", "group_rows"),
+    [(1, None), (2, None), (40, 4)],
+    ids=["held-alone", "in-a-bundle-not-written-yet", "in-a-bundle-written"],
+)
+def test_a_small_partition_written_again_keeps_its_rows_and_must_be_finished_again(
+    staging, monkeypatch: pytest.MonkeyPatch, finished: int, group_rows: int | None
+) -> None:
+    # A listing not ordered by updated_at sends a row to a partition finished already: alone so
+    # far, in a bundle whose rows wait to be written, or in one whose rows have been written
+    # (40 partitions, row groups of 4 rows) before the row comes.
+    if group_rows:
+        monkeypatch.setattr(staging_module, "ROW_GROUP_ROWS", group_rows)
+    keys = days(finished + 1)
+    with staging.transaction() as writes:
+        for offset, key in enumerate(keys[:finished]):
+            writes.write("validated_clients", key, numbers(offset * 10, 3))
+            writes.finish("validated_clients", key, {"version": "first"})
+        writes.write("validated_clients", keys[0], numbers(3, 2))
+        writes.write("validated_clients", keys[finished], numbers(0, 1))
+        writes.finish("validated_clients", keys[finished])
+        writes.finish("validated_clients", keys[0], {"version": "second"})
+    assert staging.read("validated_clients", keys[0]).column("n").to_pylist() == [0, 1, 2, 3, 4]
+    assert staging.metadata("validated_clients", keys[0]) == {"version": "second"}
+    for offset, key in enumerate(keys[1:finished], start=1):
+        assert staging.read("validated_clients", key).column("n")[0].as_py() == offset * 10
+        assert staging.metadata("validated_clients", key) == {"version": "first"}
+
+
+def test_a_small_partition_of_other_columns_gets_a_file_of_its_own(staging) -> None:
+    with staging.transaction() as writes:
+        for key in days(2):
+            writes.write("validated_clients", key, numbers(0, 2))
+            writes.finish("validated_clients", key)
+        writes.write("validated_clients", "2026-02-01", pa.record_batch({"text": ["a"]}))
+        writes.finish("validated_clients", "2026-02-01")
+    assert stage_folder(staging) == [".bundles", "2026-02-01.parquet"]
+    assert staging.read("validated_clients", "2026-02-01").column("text").to_pylist() == ["a"]
