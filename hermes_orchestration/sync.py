@@ -242,7 +242,7 @@ class _RawPartitions:
         if len(self._starts):
             buckets, self._current = _by_partition(batch, self._starts, self._current)
         for index, positions in buckets:
-            rows = batch if positions is None else batch.take(positions)
+            rows = batch if positions is None else _rows_at(batch, positions)
             self._add(index, rows)
             self.counts[index] += rows.num_rows
         counts = tuple(
@@ -345,6 +345,15 @@ def _by_partition(
     indexes, first = np.unique(parts, return_index=True)
     buckets = [(int(index), np.flatnonzero(parts == index)) for index in indexes[np.argsort(first)]]
     return buckets, int(parts[-1])
+
+
+def _rows_at(batch: pa.RecordBatch, positions: np.ndarray) -> pa.RecordBatch:
+    """The rows of a page at ``positions`` (ascending): a slice of the page when they follow one
+    another, as a partition's rows do in a listing ordered by updated_at, else a copy."""
+    first = int(positions[0])
+    if int(positions[-1]) - first + 1 == len(positions):
+        return batch.slice(first, len(positions))
+    return batch.take(positions)
 
 
 @functools.cache

@@ -338,6 +338,26 @@ def test_a_range_files_rows_by_their_instant_and_unreadable_ones_with_the_row_be
     assert [page.rows for page in staged.pages] == [((0, 1), (1, 3)), ((1, 3), (2, 2))]
 
 
+def test_a_page_out_of_order_files_each_row_under_its_own_partition_in_listing_order(
+    staging,
+) -> None:
+    # A partition's rows follow one another in a listing ordered by updated_at; in one that is
+    # not, they are picked out of the page one by one.
+    keys = ["2026-11-02", "2026-11-03", "2026-11-04"]
+    starts = [datetime(2026, 11, day, tzinfo=UTC) for day in (3, 4)]
+    page = [
+        {"id": client_id, "updated_at": f"2026-11-0{day}T10:00:00Z"}
+        for client_id, day in (("a", 2), ("b", 3), ("c", 2), ("d", 3), ("e", 4), ("f", 4))
+    ]
+    with staging.transaction() as writes:
+        staged = _RawPartitions(writes, staging, keys, starts, previous=None)
+        staged.page(page)
+        staged.complete()
+    read = [staging.read("raw_clients", key).column("id").to_pylist() for key in keys]
+    assert read == [["a", "c"], ["b", "d"], ["e", "f"]]
+    assert staged.counts == [2, 2, 2]
+
+
 def test_a_range_loads_consecutive_partitions_together_up_to_a_number_of_rows(
     staging, monkeypatch
 ) -> None:
