@@ -607,15 +607,20 @@ class _DecodedGroups:
         if kept is not None and kept[0] == index:
             self._groups.move_to_end(key)
             return kept[1]
-        with open(path, "rb") as source:
-            stat = os.fstat(source.fileno())
-            if (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size) != footer.identity:
-                raise MissingStagedDataError(
-                    f"{path} was staged again while it was read: run the step again."
-                )
-            with pq.ParquetFile(source) as file:
-                rows = footer.group_starts[index + 1] - footer.group_starts[index]
-                table = file.read_row_group(index, columns=columns, use_threads=_threaded(rows))
+        changed = MissingStagedDataError(
+            f"{path} was staged again while it was read: run the step again."
+        )
+        try:
+            with open(path, "rb") as source:
+                stat = os.fstat(source.fileno())
+                if (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size) != footer.identity:
+                    raise changed
+                with pq.ParquetFile(source) as file:
+                    rows = footer.group_starts[index + 1] - footer.group_starts[index]
+                    threads = _threaded(rows)
+                    table = file.read_row_group(index, columns=columns, use_threads=threads)
+        except FileNotFoundError:  # deleted since: another run staged the partition again
+            raise changed from None
         table = table.replace_schema_metadata(None)  # not the bundle's index
         self._groups[key] = (index, table)
         self._groups.move_to_end(key)

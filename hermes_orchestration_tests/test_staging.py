@@ -556,3 +556,15 @@ def test_a_small_partition_of_other_columns_gets_a_file_of_its_own(staging) -> N
         writes.finish("validated_clients", "2026-02-01")
     assert stage_folder(staging) == [".bundles", "2026-02-01.parquet"]
     assert staging.read("validated_clients", "2026-02-01").column("text").to_pylist() == ["a"]
+
+
+def test_a_partition_staged_again_while_it_is_read_says_so(staging) -> None:
+    # A step reads a bundle's rows after it found where they are; meanwhile another run of the
+    # range replaced them and the bundle went away.
+    keys = days(3)
+    stage_days(staging, keys, start=0)
+    reading = staging.batches("validated_clients", keys[1])
+    stage_days(staging, keys, start=100)
+    with pytest.raises(MissingStagedDataError, match="was staged again while it was read"):
+        list(reading)
+    assert staging.read("validated_clients", keys[1]).column("n").to_pylist() == [101, 102, 103]
