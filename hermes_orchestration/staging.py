@@ -56,9 +56,8 @@ BUNDLES = ".bundles"
 _MANIFEST = "manifest.json"
 _LOCK = ".lock"
 _BUNDLE_INDEX = "hermes.bundle"
-_BUNDLE = (
-    "/bundle"  # the key of a stage's bundle among the files being written: never a partition's
-)
+# The key of a stage's bundle among the files being written: no partition key holds a "/".
+_BUNDLE = "/bundle"
 
 
 class MissingStagedDataError(Exception):
