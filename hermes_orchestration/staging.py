@@ -49,9 +49,9 @@ _WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": False, "write_statisti
 # Row groups of fewer rows are decoded on the reading thread alone (see ``_threaded``).
 _THREADED_READ_ROWS = 8_192
 
-# Bundles live in this folder of a stage's folder, with the manifest and the lock taken to
-# replace it; a bundle's footer holds, under ``_BUNDLE_INDEX``, each partition's first row, row
-# count and metadata.
+# Bundles live in this folder of a stage's folder, with the manifest; a bundle's footer holds,
+# under ``_BUNDLE_INDEX``, each partition's first row, row count and metadata. A step publishes
+# its files of a stage holding the lock file of the stage's folder.
 BUNDLES = ".bundles"
 _MANIFEST = "manifest.json"
 _LOCK = ".lock"
@@ -378,23 +378,19 @@ class StagedWrites:
 
     def publish(self) -> None:
         """Put the finished files in place: each file of its own with one atomic rename, the
-        partitions of bundles with one replacement of their stage's manifest."""
-        stages = {stage for stage, _ in self._files}
-        for stage in sorted(stages):
+        partitions of bundles with one replacement of their stage's manifest. A stage's files
+        are published under its lock, so that of two steps staging the same partition at once,
+        the one that publishes last is the one read."""
+        for stage in sorted({stage for stage, _ in self._files}):
+            files = {key: where for (at, key), where in self._files.items() if at == stage}
             folder = self._staging.stage_folder(stage)
             folder.mkdir(parents=True, exist_ok=True)
-            files = {key: where for (at, key), where in self._files.items() if at == stage}
-            bundled = {key: where for key, where in files.items() if isinstance(where, _Bundle)}
-            if not bundled and not (folder / BUNDLES / _MANIFEST).exists():
-                for key, where in files.items():
-                    os.replace(where, self._staging.path(stage, key))  # type: ignore[arg-type]
-                continue
-            with _locked(folder / BUNDLES):
-                self._publish_with_manifest(stage, files)
+            with _locked(folder / _LOCK):
+                self._publish_stage(stage, files)
         self._files.clear()
         self._finished_bundles.clear()
 
-    def _publish_with_manifest(self, stage: str, files: dict[str, Path | _Bundle | _Small]) -> None:
+    def _publish_stage(self, stage: str, files: dict[str, Path | _Bundle | _Small]) -> None:
         # A file of its own is put in place before the manifest stops naming a bundle for its
         # partition, a bundle before the manifest names it: readers see one version or the
         # other, never none.
@@ -403,6 +399,7 @@ class StagedWrites:
         manifest = dict(before)
         for bundle in {id(where): where for where in files.values()}.values():
             if isinstance(bundle, _Bundle):
+                (folder / BUNDLES).mkdir(exist_ok=True)
                 os.replace(bundle.file.path, folder / BUNDLES / bundle.file.path.name)
         for key, where in files.items():
             if isinstance(where, _Bundle):
@@ -411,10 +408,11 @@ class StagedWrites:
                 assert isinstance(where, Path)  # a small partition alone has a file by now
                 os.replace(where, self._staging.path(stage, key))
                 manifest.pop(key, None)
-        if manifest != before:
-            written = folder / BUNDLES / f"{uuid.uuid4().hex}.json"
-            written.write_text(json.dumps(manifest, separators=(",", ":")))
-            os.replace(written, folder / BUNDLES / _MANIFEST)
+        if manifest == before:
+            return
+        written = folder / BUNDLES / f"{uuid.uuid4().hex}.json"
+        written.write_text(json.dumps(manifest, separators=(",", ":")))
+        os.replace(written, folder / BUNDLES / _MANIFEST)
         for key, where in files.items():
             if isinstance(where, _Bundle):  # the file it had of its own, if any
                 self._staging.path(stage, key).unlink(missing_ok=True)
@@ -426,10 +424,9 @@ class StagedWrites:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold the lock of a stage's bundles: one step at a time replaces its manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / _LOCK, "a") as lock:
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the lock of a stage: one step at a time publishes its files."""
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import threading
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -130,7 +132,11 @@ def test_a_finished_file_written_again_keeps_its_rows_and_must_be_finished_again
     assert rows == list(range(ROW_GROUP_ROWS + 17))
     assert staging.metadata("raw_clients", "2026-11-02") == {"hermes.content": "second"}
     assert staging.read("raw_clients", "2026-11-03").num_rows == 5
-    assert len(list((staging.root / "tienda_test" / "raw_clients").iterdir())) == 2
+    folder = staging.root / "tienda_test" / "raw_clients"
+    assert sorted(path.name for path in folder.glob("*.parquet")) == [
+        "2026-11-02.parquet",
+        "2026-11-03.parquet",
+    ]
 
 
 def test_a_file_written_again_after_it_was_finished_loses_its_old_metadata(staging) -> None:
@@ -408,8 +414,9 @@ def stage_days(staging: PartitionStaging, keys: list[str], start: int = 0, rows:
 
 
 def stage_folder(staging: PartitionStaging) -> list[str]:
+    """What the stage's folder holds beside the lock taken to publish into it."""
     folder = staging.root / "tienda_test" / "validated_clients"
-    return sorted(path.name for path in folder.iterdir())
+    return sorted(path.name for path in folder.iterdir() if path.name != ".lock")
 
 
 def bundles(staging: PartitionStaging) -> list[str]:
@@ -568,3 +575,22 @@ def test_a_partition_staged_again_while_it_is_read_says_so(staging) -> None:
     with pytest.raises(MissingStagedDataError, match="was staged again while it was read"):
         list(reading)
     assert staging.read("validated_clients", keys[1]).column("n").to_pylist() == [101, 102, 103]
+
+
+def test_a_step_publishes_into_a_stage_only_while_no_other_step_does(staging) -> None:
+    # Of two steps staging the same partition at once, the one that publishes last is read: the
+    # manifest and the files of their own are replaced by one step at a time.
+    keys = days(2)
+    stage_days(staging, keys, start=0)
+    lock = staging.root / "tienda_test" / "validated_clients" / ".lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another step is publishing
+        publishing = threading.Thread(target=stage_days, args=(staging, keys, 10))
+        publishing.start()
+        publishing.join(0.3)
+        assert publishing.is_alive()
+        assert staging.read("validated_clients", keys[0]).column("n").to_pylist() == [0, 1, 2]
+        fcntl.flock(held, fcntl.LOCK_UN)
+    publishing.join(10)
+    assert not publishing.is_alive()
+    assert staging.read("validated_clients", keys[0]).column("n").to_pylist() == [10, 11, 12]
