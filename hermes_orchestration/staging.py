@@ -449,9 +449,22 @@ def _manifest(folder: Path) -> Mapping[str, str]:
 @functools.lru_cache(maxsize=64)
 def _read_manifest(path: str, identity: tuple[int, int, int, int]) -> Mapping[str, str]:
     try:
-        return MappingProxyType(json.loads(Path(path).read_bytes()))
+        manifest = json.loads(Path(path).read_bytes())
     except FileNotFoundError:  # replaced since its identity was read: the newer one
         return _manifest(Path(path).parent.parent)
+    except ValueError as error:
+        raise _unreadable_manifest(path, f"not JSON: {error}") from None
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
+        raise _unreadable_manifest(path, "not a map of partition keys to bundle names")
+    return MappingProxyType(manifest)
+
+
+def _unreadable_manifest(path: str, why: str) -> MissingStagedDataError:
+    folder = Path(path).parent.parent
+    return MissingStagedDataError(
+        f"{path} cannot be read ({why}): delete the folder {folder} and materialize the stage's "
+        "partitions again."
+    )
 
 
 class _StagedFile:

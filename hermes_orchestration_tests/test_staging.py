@@ -594,3 +594,18 @@ def test_a_step_publishes_into_a_stage_only_while_no_other_step_does(staging) ->
     publishing.join(10)
     assert not publishing.is_alive()
     assert staging.read("validated_clients", keys[0]).column("n").to_pylist() == [10, 11, 12]
+
+
+@pytest.mark.parametrize("text", ["{not json", '["2026-01-01"]'], ids=["not-json", "not-a-map"])
+def test_a_manifest_that_cannot_be_read_says_what_to_delete_and_do(staging, text: str) -> None:
+    stage_days(staging, days(2))
+    folder = staging.root / "tienda_test" / "validated_clients"
+    (folder / ".bundles" / "manifest.json").write_text(text)
+    with pytest.raises(MissingStagedDataError) as error:
+        staging.read("validated_clients", "2026-01-01")
+    assert str(error.value).startswith(f"{folder / '.bundles' / 'manifest.json'} cannot be read (")
+    assert str(error.value).endswith(
+        f"delete the folder {folder} and materialize the stage's partitions again."
+    )
+    with pytest.raises(MissingStagedDataError, match="cannot be read"):
+        stage_days(staging, days(2))  # nor replaced: which partitions it named is unknown
