@@ -227,7 +227,6 @@ class StagedWrites:
         self._files: dict[tuple[str, str], Path | _Bundle | _Small] = {}
         self._alone: dict[str, _Small] = {}  # by stage: the one small partition finished so far
         self._bundles: dict[str, _Bundle] = {}  # by stage: the bundle being written
-        self._finished_bundles: list[_Bundle] = []
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="staged-writes")
         self._queued: deque[tuple[Future[None], int]] = deque()  # handed over, with their rows
 
@@ -307,7 +306,6 @@ class StagedWrites:
         pending = self._pending.pop((stage, _BUNDLE), [])
         rows = pa.Table.from_batches(pending, bundle.file.schema)
         self._hand_over(rows.num_rows, bundle.file.complete, rows, bundle.index())
-        self._finished_bundles.append(bundle)
 
     def _open(self, key: tuple[str, str], schema: pa.Schema) -> _StagedFile:
         stage, partition_key = key
@@ -388,7 +386,6 @@ class StagedWrites:
             with _locked(folder / _LOCK):
                 self._publish_stage(stage, files)
         self._files.clear()
-        self._finished_bundles.clear()
 
     def _publish_stage(self, stage: str, files: dict[str, Path | _Bundle | _Small]) -> None:
         # A file of its own is put in place before the manifest stops naming a bundle for its
