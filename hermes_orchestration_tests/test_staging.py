@@ -609,3 +609,15 @@ def test_a_manifest_that_cannot_be_read_says_what_to_delete_and_do(staging, text
     )
     with pytest.raises(MissingStagedDataError, match="cannot be read"):
         stage_days(staging, days(2))  # nor replaced: which partitions it named is unknown
+
+
+def test_rejected_rows_are_written_in_row_groups_of_a_few_thousand_as_they_come(staging) -> None:
+    # Each carries its whole raw record, and a large partition's come a few hundred per row group
+    # validated: they are handed to the writer in smaller row groups, not held until the end.
+    with staging.transaction() as writes:
+        for start in range(0, 10_000, 500):
+            writes.write("rejected_clients", "2026-11-02", numbers(start, 500))
+    path = staging.path("rejected_clients", "2026-11-02")
+    assert row_groups(path) == [4096, 4096, 1808]
+    rows = staging.read("rejected_clients", "2026-11-02").column("n").to_pylist()
+    assert rows == list(range(10_000))
