@@ -51,6 +51,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable, DropTable
 
 from hermes_orchestration import masterdata_schema as ms
+from hermes_orchestration import memory
 from hermes_orchestration.masterdata_schema import CONTACT_FIELDS, JSON_FIELDS, UtcDateTime
 from hermes_orchestration.records import CLEAN_SCHEMA, CONTACT_TEXT_FIELDS, REJECTED_SCHEMA
 
@@ -604,6 +605,8 @@ def _copy(conn: Connection, table: sa.Table, tables: Iterable[pa.Table]) -> None
         pgsql.Identifier(table.name),
         pgsql.SQL(", ").join(pgsql.Identifier(name) for name in first.column_names),
     )
+    tables = itertools.chain([first], tables)
+    del first  # each table is let go once formatted, the first one too
     driver_connection = conn.connection.driver_connection
     with (
         driver_connection.cursor() as cursor,
@@ -611,10 +614,12 @@ def _copy(conn: Connection, table: sa.Table, tables: Iterable[pa.Table]) -> None
         ThreadPoolExecutor(1, thread_name_prefix="copy") as sender,
     ):
         sending: Future[None] | None = None
-        for rows in itertools.chain([first], tables):
+        for rows in tables:
             text = _csv(rows)
+            del rows
             if sending is not None:
                 sending.result()
+                memory.give_back_free_pages()  # what formatting and sending the last one freed
             sending = sender.submit(copy.write, text)
         if sending is not None:
             sending.result()
