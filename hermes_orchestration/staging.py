@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import shutil
-import threading
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
@@ -445,8 +444,7 @@ def _manifest(folder: Path) -> Mapping[str, str]:
         stat = path.stat()
     except FileNotFoundError:
         return {}
-    identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    return _read_manifest(str(path), identity)
+    return _read_manifest(str(path), _identity(stat))
 
 
 @functools.lru_cache(maxsize=64)
@@ -515,17 +513,12 @@ class _Member:
 
 @dataclass(frozen=True)
 class _Footer:
-    identity: tuple[int, int, int, int]  # device, inode, modification time and size
+    identity: tuple[int, int, int, int]  # see ``_identity``
     rows: int
     metadata: tuple[tuple[str, str], ...]
     members: Mapping[str, _Member] | None = None  # a bundle's partitions
     group_starts: tuple[int, ...] = ()  # a bundle's first row of each row group, then its rows
     schema: pa.Schema | None = None  # a bundle's
-
-
-_footers: OrderedDict[tuple[int, int, int, int], _Footer] = OrderedDict()
-_FOOTERS_KEPT = 4096
-_footers_lock = threading.Lock()
 
 
 def _footer(path: Path) -> _Footer | None:
@@ -536,21 +529,16 @@ def _footer(path: Path) -> _Footer | None:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    with _footers_lock:
-        footer = _footers.get(identity)
-        if footer is not None:
-            _footers.move_to_end(identity)
-            return footer
-    footer = _read_footer(path, identity)
-    with _footers_lock:
-        _footers[identity] = footer
-        while len(_footers) > _FOOTERS_KEPT:
-            _footers.popitem(last=False)
-    return footer
+    return _read_footer(str(path), _identity(stat))
 
 
-def _read_footer(path: Path, identity: tuple[int, int, int, int]) -> _Footer:
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: device, inode, modification time, size."""
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_footer(path: str, identity: tuple[int, int, int, int]) -> _Footer:
     with pq.ParquetFile(path) as file:
         footer = file.metadata
         stored = footer.metadata or {}
@@ -627,8 +615,7 @@ class _DecodedGroups:
         )
         try:
             with open(path, "rb") as source:
-                stat = os.fstat(source.fileno())
-                if (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size) != footer.identity:
+                if _identity(os.fstat(source.fileno())) != footer.identity:
                     raise changed
                 with pq.ParquetFile(source) as file:
                     rows = footer.group_starts[index + 1] - footer.group_starts[index]
