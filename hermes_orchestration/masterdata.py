@@ -507,7 +507,8 @@ def _lock_master_database(conn: Connection, name: str) -> None:
 
 
 def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
-    missing = [name for name in schema.names if name not in table.column_names]
+    present = set(table.column_names)  # a new list at each call: read once
+    missing = [name for name in schema.names if name not in present]
     if missing:
         raise PartitionInputError(
             f"the {what} rows lack the columns {missing}; they must have {schema.names}"
@@ -517,6 +518,8 @@ def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
         nulls = table.column(field.name).null_count
         if not field.nullable and nulls:
             raise PartitionInputError(f"{nulls} {what} rows have no {field.name}; it is required")
+    if table.schema.equals(schema):  # as staged: a cast would only copy the columns' handles
+        return table
     try:
         return table.cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:

@@ -223,26 +223,13 @@ def validate_partitions(
     columns["hermes_id"] = ids
     columns["updated_at"] = updated_at
 
-    results = []
-    start = 0
-    for size in sizes:
-        end = start + size
-        if size == rows_in:
-            part = (table, latest, columns, findings)
-        else:
-            part = (
-                table.slice(start, size),
-                latest[start:end],
-                {name: column.slice(start, size) for name, column in columns.items()},
-                findings.rows(start, end),
-            )
-        result = _assemble(*part) if size else _nothing()
+    results = _assemble(table, latest, columns, findings, sizes)
+    for result in results:
         logger.debug(
             "validated %d rows: %d valid, %d rejected, %d superseded duplicates",
-            size, result.valid.num_rows, result.rejected.num_rows, result.duplicates_dropped,
+            result.rows_in, result.valid.num_rows, result.rejected.num_rows,
+            result.duplicates_dropped,
         )  # fmt: skip
-        results.append(result)
-        start = end
     return results
 
 
@@ -339,13 +326,6 @@ class _Findings:
         # A non-object has no fields to judge: its one reason says it all.
         self.rejected[code] = mask & ~self.not_object
 
-    def rows(self, start: int, end: int) -> _Findings:
-        """The findings of rows ``start`` to ``end`` (excluded)."""
-        part = _Findings(self.not_object[start:end])
-        part.rejected = {code: mask[start:end] for code, mask in self.rejected.items()}
-        part.cleared = [(field, code, mask[start:end]) for field, code, mask in self.cleared]
-        return part
-
     def clear(self, field: str, code: str, mask: np.ndarray, values: pa.Array) -> pa.Array:
         """Record that ``field`` is cleared where ``mask`` holds; return the cleared values."""
         if not mask.any():
@@ -355,23 +335,35 @@ class _Findings:
 
 
 def _assemble(
-    table: pa.Table, latest: np.ndarray, columns: dict[str, pa.Array], findings: _Findings
-) -> ValidationResult:
-    """Split the latest version of each id into clean and rejected rows."""
+    table: pa.Table,
+    latest: np.ndarray,
+    columns: dict[str, pa.Array],
+    findings: _Findings,
+    sizes: list[int],
+) -> list[ValidationResult]:
+    """Split the latest version of each id into clean and rejected rows, once for all of the
+    rows, and give each partition (``sizes`` rows each, one after the other) its share: its
+    rows follow one another in both tables, so each one's are a slice."""
     n = table.num_rows
     rejected_mask = np.zeros(n, dtype=bool)
     for mask in findings.rejected.values():
         rejected_mask |= mask
     rejected_mask &= latest
     valid_mask = latest & ~rejected_mask
+    bounds = np.cumsum([0, *sizes])
+
+    def per_partition(mask: np.ndarray) -> list[int]:
+        running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        return (running[bounds[1:]] - running[bounds[:-1]]).tolist()
 
     notes: dict[int, list[dict[str, str]]] = {}
-    cleared_by_reason: dict[str, int] = {}
+    cleared_by_reason: list[dict[str, int]] = [{} for _ in sizes]
     for field, code, mask in findings.cleared:
-        rows = np.flatnonzero(mask & valid_mask)
-        if len(rows):
-            cleared_by_reason[code] = cleared_by_reason.get(code, 0) + len(rows)
-        for row in rows.tolist():
+        kept = mask & valid_mask
+        for counts, count in zip(cleared_by_reason, per_partition(kept), strict=True):
+            if count:
+                counts[code] = counts.get(code, 0) + count
+        for row in np.flatnonzero(kept).tolist():
             notes.setdefault(row, []).append({"field": field, "reason": code})
     note_rows = np.array(sorted(notes), dtype=np.int64)
     columns["quality_notes"] = _scatter(
@@ -390,12 +382,13 @@ def _assemble(
     position = np.full(n, -1, dtype=np.int64)
     position[rejected_rows] = np.arange(len(rejected_rows))
     row_reasons: list[list[str]] = [[] for _ in rejected_rows]
-    rejected_by_reason: dict[str, int] = {}
+    rejected_by_reason: list[dict[str, int]] = [{} for _ in sizes]
     for code in reasons.codes("rejected"):
-        rows = np.flatnonzero(findings.rejected.get(code, False) & rejected_mask)
-        if len(rows):
-            rejected_by_reason[code] = len(rows)
-        for row in position[rows].tolist():
+        mask = findings.rejected.get(code, False) & rejected_mask
+        for counts, count in zip(rejected_by_reason, per_partition(mask), strict=True):
+            if count:
+                counts[code] = count
+        for row in position[np.flatnonzero(mask)].tolist():
             row_reasons[row].append(code)
     rejected = pa.Table.from_arrays(
         [
@@ -406,16 +399,33 @@ def _assemble(
         ],
         schema=REJECTED_SCHEMA,
     )
-    return ValidationResult(
-        valid=valid,
-        rejected=rejected,
-        rows_in=n,
-        duplicates_dropped=int(n - latest.sum()),
-        rejected_by_reason=rejected_by_reason,
-        cleared_by_reason={
-            code: cleared_by_reason[code] for code in reasons.REASONS if code in cleared_by_reason
-        },
-    )
+
+    results = []
+    valid_at = rejected_at = 0
+    for size, judged, valid_rows, rejected_count, rejected_counts, cleared_counts in zip(
+        sizes,
+        per_partition(latest),
+        per_partition(valid_mask),
+        per_partition(rejected_mask),
+        rejected_by_reason,
+        cleared_by_reason,
+        strict=True,
+    ):
+        results.append(
+            ValidationResult(
+                valid=valid.slice(valid_at, valid_rows),
+                rejected=rejected.slice(rejected_at, rejected_count),
+                rows_in=size,
+                duplicates_dropped=size - judged,
+                rejected_by_reason=rejected_counts,
+                cleared_by_reason={
+                    code: cleared_counts[code] for code in reasons.REASONS if code in cleared_counts
+                },
+            )
+        )
+        valid_at += valid_rows
+        rejected_at += rejected_count
+    return results
 
 
 def _records(table: pa.Table, rows: np.ndarray) -> pa.Array:
@@ -443,7 +453,8 @@ def _conform(raw: pa.Table | pa.RecordBatch) -> pa.Table:
         raw = pa.Table.from_batches([raw])
     if not isinstance(raw, pa.Table):
         raise TypeError(f"expected a pyarrow Table of raw client rows, got {type(raw).__name__}")
-    missing = [name for name in RAW_SCHEMA.names if name not in raw.column_names]
+    present = set(raw.column_names)  # a new list at each call: read once
+    missing = [name for name in RAW_SCHEMA.names if name not in present]
     if missing:
         raise ValueError(
             f"raw client rows lack the column(s) {', '.join(missing)}; "
