@@ -207,6 +207,12 @@ stage = _temp_table(
     filters=("part",),
 )
 
+# Partitions staged together: the ids staged more than once, counted as the rows were staged.
+# The clients with several changed versions are among them.
+repeated = _temp_table(
+    "hermes_repeated", sa.Column("hermes_id", sa.Text, nullable=False), index=("hermes_id",)
+)
+
 # The staged rows newer than the stored version of their source, with that stored version's key.
 changed = _temp_table(
     "hermes_changed",
