@@ -26,6 +26,7 @@ from hermes_orchestration.records import records_to_batch
 from hermes_orchestration.simulator import SimulatorConfig
 from hermes_orchestration.simulator_data import ClientDataset
 from hermes_orchestration.staging import ROW_GROUP_ROWS
+from hermes_orchestration.sync import _consecutive
 from hermes_orchestration.validation import (
     latest_versions,
     validate_partitions,
@@ -55,18 +56,14 @@ def daily_tables(clients: int, days: int, seed: int) -> list[pa.Table]:
 
 
 def groups(tables: list[pa.Table]) -> list[list[pa.Table]]:
-    """Consecutive partitions of at most a row group's rows together, as a range run groups
-    them (a larger partition alone)."""
-    result: list[list[pa.Table]] = []
-    rows = 0
-    for table in tables:
-        if result and rows + table.num_rows <= ROW_GROUP_ROWS:
-            result[-1].append(table)
-            rows += table.num_rows
-        else:
-            result.append([table])
-            rows = table.num_rows
-    return result
+    """Consecutive partitions validated together, grouped as a range run groups them (at most
+    a row group's rows in all; a larger partition alone)."""
+    keys = [str(index) for index in range(len(tables))]
+    rows_of = {key: table.num_rows for key, table in zip(keys, tables, strict=True)}
+    return [
+        [tables[int(key)] for key in group]
+        for group in _consecutive(keys, rows_of.__getitem__, ROW_GROUP_ROWS)
+    ]
 
 
 def validate_range(grouped: list[list[pa.Table]]) -> int:
@@ -112,27 +109,27 @@ def main() -> int:
         times["range"].append(timed(lambda: validate_range(grouped)))
         times["one partition"].append(timed(lambda: validate_one(whole)))
     figures: dict[str, object] = {"rows": rows, "partitions": args.days, "groups": len(grouped)}
+    median_cpu: dict[str, float] = {}
     for label, pairs in times.items():
-        cpu = statistics.median(pair[0] for pair in pairs)
+        cpu = median_cpu[label] = statistics.median(pair[0] for pair in pairs)
         wall = statistics.median(pair[1] for pair in pairs)
+        least = min(pair[0] for pair in pairs)
         figures[label] = {
             "cpu_seconds_median": round(cpu, 3),
-            "cpu_seconds_min": round(min(pair[0] for pair in pairs), 3),
+            "cpu_seconds_min": round(least, 3),
             "wall_seconds_median": round(wall, 3),
             "rows_per_cpu_second": round(c.rate(rows, cpu)),
         }
         print(
-            f"{label:>15}: CPU {cpu:.2f} s median (min {min(p[0] for p in pairs):.2f} s), "
+            f"{label:>15}: CPU {cpu:.2f} s median (min {least:.2f} s), "
             f"wall {wall:.2f} s; {c.rate(rows, cpu):,.0f} rows per CPU second"
         )
-    one = figures["one partition"]["cpu_seconds_median"]  # type: ignore[index]
-    per_range = figures["range"]["cpu_seconds_median"]  # type: ignore[index]
-    extra_ms = 1000 * (per_range - one) / args.days
+    ratio = median_cpu["range"] / median_cpu["one partition"]
+    extra_ms = 1000 * (median_cpu["range"] - median_cpu["one partition"]) / args.days
     print(
-        f"range / one partition, CPU: {per_range / one:.2f}; "
-        f"{extra_ms:+.2f} ms per partition beyond its rows"
+        f"range / one partition, CPU: {ratio:.2f}; {extra_ms:+.2f} ms per partition beyond its rows"
     )
-    figures["range_over_one_cpu"] = round(per_range / one, 3)
+    figures["range_over_one_cpu"] = round(ratio, 3)
     figures["extra_ms_per_partition"] = round(extra_ms, 3)
     return c.finish(NAME, info, figures, started=started)
 
