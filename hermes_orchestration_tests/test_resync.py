@@ -276,6 +276,18 @@ def test_the_content_digest_depends_on_the_records_not_on_how_pages_split_them()
     assert digest(whole) == digest(pa.Table.from_batches([whole.slice(0, 7), whole.slice(7)]))
 
 
+def test_missing_raw_records_digest_alike_however_the_rows_are_split() -> None:
+    whole = pa.Table.from_batches([records_to_batch(RECORDS)])
+    at = whole.schema.get_field_index("record")
+    records = whole.column(at).to_pylist()
+    holed = whole.set_column(
+        at, "record", pa.array([None if i % 5 == 0 else r for i, r in enumerate(records)])
+    )
+    # Row 0 alone is all missing, rows 1-4 have none missing, the rest some.
+    assert digest(holed) == digest(holed.slice(0, 1), holed.slice(1, 4), holed.slice(5))
+    assert digest(holed) != digest(whole)
+
+
 def test_the_content_digest_changes_with_any_record() -> None:
     base = digest(records_to_batch(RECORDS))
     assert digest(records_to_batch(RECORDS[:-1])) != base

@@ -36,6 +36,7 @@ from hermes_orchestration.validation import (
     ISO_3166_ALPHA2,
     ValidationResult,
     latest_versions,
+    updated_instants,
     validate_partition,
     validate_partitions,
     validate_row_groups,
@@ -861,6 +862,52 @@ def test_any_rfc3339_spelling_gives_its_utc_instant(instants: list[tuple[str, da
     result = run(*(client(id=str(n), updated_at=text) for n, (text, _) in enumerate(instants)))
 
     assert result.valid.column("updated_at").to_pylist() == [instant for _, instant in instants]
+
+
+_ODD_INSTANTS = [
+    None,
+    "",
+    " 2024-05-01T12:00:00Z",  # cleaned, then read
+    "2024-05-01T12:00:00Z\x00",
+    "2024-02-30T12:00:00Z",  # no such day
+    "2023-02-29T12:00:00Z",
+    "2024-05-01T12:00:00",  # no offset
+    "2024-05-01T12:00Z",
+    "2024-05-01",
+    "0000-01-01T00:00:00Z",
+    "2024-05-01T12:00:00.1234567Z",
+    "ayer",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.one_of(
+        st.lists(_instants().map(lambda pair: pair[0]), min_size=1, max_size=25),
+        st.lists(
+            st.one_of(_instants().map(lambda pair: pair[0]), st.sampled_from(_ODD_INSTANTS)),
+            min_size=1,
+            max_size=25,
+        ),
+    )
+)
+def test_the_instants_a_fetch_files_rows_by_are_those_validation_reads(
+    texts: list[str | None],
+) -> None:
+    micros, usable = updated_instants(pa.array(texts, pa.string()))
+    result = run(*(client(id=str(n), updated_at=text) for n, text in enumerate(texts)))
+
+    read = {
+        row["hermes_id"]: row["updated_at"]
+        for table in (result.valid, result.rejected)
+        for row in table.select(["hermes_id", "updated_at"]).to_pylist()
+    }
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    filed = [
+        epoch + timedelta(microseconds=int(m)) if ok else None
+        for m, ok in zip(micros, usable, strict=True)
+    ]
+    assert filed == [read[str(n)] for n in range(len(texts))]
 
 
 def _outcomes(result: ValidationResult, field: str, code: str) -> dict[str, str | None]:
