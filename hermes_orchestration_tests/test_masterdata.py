@@ -959,6 +959,44 @@ def test_large_first_loads_of_two_master_databases_at_once_both_succeed_without_
         store.dispose()
 
 
+@pytest.mark.postgres
+def test_a_first_load_rolled_back_as_retryable_is_merged_again_from_its_stage(
+    postgres_masterdata_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="hermes_orchestration.masterdata")
+    store = empty_postgres_store(postgres_masterdata_url)
+    clients = [client(str(n), f"c{n % 40}@example.cl", 1 + n % 3, city="Talca") for n in range(90)]
+    conflict = """
+        CREATE SEQUENCE conflicts;
+        CREATE FUNCTION conflict_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('conflicts') = 1 THEN  -- a sequence is not rolled back with the merge
+                RAISE EXCEPTION 'conflict' USING ERRCODE = 'serialization_failure';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER conflict_once BEFORE INSERT ON contact_sources
+            FOR EACH STATEMENT EXECUTE FUNCTION conflict_once();
+    """
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(conflict)
+    try:
+        retried = load(store, "tienda_norte", "p1", *clients, master_database="retried")
+    finally:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "DROP TRIGGER conflict_once ON contact_sources; DROP FUNCTION conflict_once(); "
+                "DROP SEQUENCE conflicts"
+            )
+    once = load(store, "tienda_sur", "p1", *clients, master_database="once")
+
+    assert "Retrying the master data merge after 40001" in caplog.text
+    assert counts(retried) == counts(once)
+    assert (retried.sources_inserted, retried.contacts_inserted) == (90, 40)
+    assert live_contacts(store, "retried") == live_contacts(store, "once")
+    store.dispose()
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
