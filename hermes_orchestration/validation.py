@@ -963,6 +963,11 @@ class _PhonePlan:
     the international or the national prefix, and matches the region's general pattern and its
     fixed-line or mobile pattern at a possible length. For such a number, ``parse`` strips
     nothing and ``is_valid_number`` holds, so its E.164 form is ``+<calling code><digits>``.
+
+    A national prefix pattern that can match nothing (Argentina's: an optional 0, an optional
+    area code and 15) strips nothing where it does match nothing, unless that empty match
+    triggers the region's transform rule: ``prefix_may_be_empty`` is then true, and only a
+    number that starts with a prefix of one character or more is left to the library.
     """
 
     calling_code: str
@@ -971,6 +976,7 @@ class _PhonePlan:
     national_prefix: str | None
     general: tuple[str, tuple[int, ...]]
     types: tuple[tuple[str, tuple[int, ...]], ...]
+    prefix_may_be_empty: bool = False  # then ``national_prefix`` has no capturing group
 
     def accept(self, digits: pa.Array) -> tuple[np.ndarray, pa.Array]:
         """Which of ``digits`` (``+`` and digits only) qualify, and their E.164 forms."""
@@ -986,7 +992,7 @@ class _PhonePlan:
             idd = f"^(?:{self.international_prefix})"
             ok &= has_plus | ~_mask(pc.match_substring_regex(national, idd))
         if self.national_prefix:
-            ok &= ~_mask(pc.match_substring_regex(national, f"^(?:{self.national_prefix})"))
+            ok &= ~self._starts_with_national_prefix(national)
         ok &= ~_mask(pc.starts_with(national, "0"))
         lengths = pc.utf8_length(national).to_numpy(zero_copy_only=False)
         ok &= _matches(national, lengths, *self.general)
@@ -995,6 +1001,13 @@ class _PhonePlan:
             any_type |= _matches(national, lengths, pattern, possible)
         ok &= any_type
         return ok, pc.binary_join_element_wise(prefix, national, "")
+
+    def _starts_with_national_prefix(self, national: pa.Array) -> np.ndarray:
+        """Which numbers start with a national prefix that ``parse`` would strip or transform."""
+        if not self.prefix_may_be_empty:
+            return _mask(pc.match_substring_regex(national, f"^(?:{self.national_prefix})"))
+        found = pc.extract_regex(national, f"^(?P<prefix>{self.national_prefix})")
+        return _mask(pc.greater(pc.utf8_length(pc.struct_field(found, "prefix")), 0))
 
 
 def _matches(
@@ -1024,13 +1037,25 @@ def _phone_plan(region: str) -> _PhonePlan | None:
     )
     if general is None or not general[1] or not types:
         return None
+    national_prefix = metadata.national_prefix_for_parsing or None
+    prefix_may_be_empty = False
+    if national_prefix is not None and (empty := re.match(national_prefix, "")) is not None:
+        # What ``_maybe_strip_national_prefix_carrier_code`` does with a match of nothing: it
+        # strips nothing, unless the transform rule applies (its last group took part).
+        transforms = bool(metadata.national_prefix_transform_rule) and bool(empty.groups())
+        # Digits, classes, groups and alternatives only: no escaped parenthesis, no lookaround.
+        plain = re.fullmatch(r"(?:[0-9|?:()\[\]\-]|\\d)*", national_prefix) is not None
+        if plain and not (transforms and empty.groups()[-1] is not None):
+            national_prefix = re.sub(r"\((?!\?)", "(?:", national_prefix)  # no capturing group
+            prefix_may_be_empty = True
     plan = _PhonePlan(
         calling_code=code,
         plus_ok=plus_ok,
         international_prefix=metadata.international_prefix or None,
-        national_prefix=metadata.national_prefix_for_parsing or None,
+        national_prefix=national_prefix,
         general=general,
         types=types,
+        prefix_may_be_empty=prefix_may_be_empty,
     )
     try:  # the library's patterns are plain regular expressions; make sure RE2 agrees
         plan.accept(pa.array(["+" + code + "2", "2"]))

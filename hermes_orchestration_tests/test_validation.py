@@ -374,6 +374,28 @@ def test_phones_are_read_in_the_client_country_else_the_default_one() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("phone", "e164"),
+    [
+        ("+54 9 11 2345-6789", "+5491123456789"),  # a mobile, as sent from abroad
+        ("+54 9 351 234-5678", "+5493512345678"),
+        ("9 11 2345-6789", "+5491123456789"),
+        ("+54 11 2345-6789", "+541123456789"),  # a fixed line
+        ("11 2345-6789", "+541123456789"),
+        ("011 15-2345-6789", "+5491123456789"),  # national prefix and 15: rewritten as a mobile
+        ("0 11 2345-6789", "+541123456789"),
+        ("15 2345-6789", None),  # 15 without an area code
+    ],
+)
+def test_argentine_numbers_are_read_as_the_phone_library_reads_them(
+    phone: str, e164: str | None
+) -> None:
+    result = run(client(country="AR", phone=phone))
+
+    assert _outcomes(result, "phone", "invalid_phone") == {"c-1": e164}
+    assert e164 == _library_phone(phone, "AR")
+
+
 def test_numbers_other_documents_and_unknown_properties_are_kept_as_sent() -> None:
     record = client(
         id=12,
