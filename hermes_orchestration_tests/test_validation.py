@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stdnum.cl import rut as cl_rut
 
-from hermes_orchestration import reasons
+from hermes_orchestration import reasons, validation
 from hermes_orchestration.records import (
     CLEAN_SCHEMA,
     RAW_SCHEMA,
@@ -394,6 +394,26 @@ def test_argentine_numbers_are_read_as_the_phone_library_reads_them(
 
     assert _outcomes(result, "phone", "invalid_phone") == {"c-1": e164}
     assert e164 == _library_phone(phone, "AR")
+
+
+def test_only_argentine_numbers_with_a_national_prefix_go_through_the_library_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+    one_by_one = validation._phone_or_none
+
+    def recording(text: str, region: str) -> str | None:
+        asked.append(text)
+        return one_by_one(text, region)
+
+    monkeypatch.setattr(validation, "_phone_or_none", recording)
+    phones = ["+54 9 11 2345-6789", "9 11 2345-6789", "11 2345-6789", "011 15-2345-6789"]
+    result = run(*(client(id=str(n), country="AR", phone=p) for n, p in enumerate(phones)))
+
+    assert asked == ["011 15-2345-6789"]
+    assert [row["phone"] for row in result.valid.to_pylist()] == [
+        "+5491123456789", "+5491123456789", "+541123456789", "+5491123456789",
+    ]  # fmt: skip
 
 
 def test_numbers_other_documents_and_unknown_properties_are_kept_as_sent() -> None:
