@@ -66,9 +66,11 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private local state folder (staged files, default SQLite master database)."""
+    """Every test's private local state folder (staged files, default SQLite master database),
+    and the embedded master database by default: no test writes into the project's own `.state`
+    or into a master database named by the environment it runs in."""
     path = tmp_path / "state"
     monkeypatch.setenv("HERMES_STATE_DIR", str(path))
     monkeypatch.delenv("HERMES_MASTERDATA_URL", raising=False)
