@@ -5,7 +5,8 @@
   which requests the next page on a thread while its caller works on a page: for a caller that
   does nothing with the pages, that hand-over costs and buys nothing.)
 - ``copy``: a bare ``COPY`` of the flattened client fields (the text columns that the sync
-  stages) into an empty table, with psycopg 3, streamed in batches: the most PostgreSQL can take.
+  stages) into an empty table, with psycopg 3, streamed in batches in PostgreSQL's binary format
+  (encoded by pgpq, as the sync's loads are): the most PostgreSQL can take.
 
 Prints one JSON object: rows, seconds (of the measured part only, imports excluded).
 Not meant to be run by hand; ``sync_throughput.py`` and ``backfill.py`` run it.
@@ -14,7 +15,6 @@ Not meant to be run by hand; ``sync_throughput.py`` and ``backfill.py`` run it.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -23,8 +23,8 @@ from datetime import datetime
 import httpx
 import orjson
 import psycopg
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql
 
 from hermes_orchestration.hermes_client import API_PREFIX, format_time, normalize_site_url
@@ -65,7 +65,7 @@ def copy(dsn: str, parquet_files: list[str]) -> dict:
     columns = [*CLIENT_FIELDS, "unknown_fields"]
     # Read before the clock starts: the ceiling is what PostgreSQL takes, not Parquet decoding.
     tables = [pq.read_table(path, columns=columns) for path in parquet_files]
-    options = pacsv.WriteOptions(include_header=False)
+    encoder = ArrowToPostgresBinaryEncoder(tables[0].schema)
     started = time.perf_counter()
     rows = 0
     with psycopg.connect(dsn) as conn:
@@ -74,16 +74,16 @@ def copy(dsn: str, parquet_files: list[str]) -> dict:
                 sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)
             )
         )
-        statement = sql.SQL("COPY bare_copy ({}) FROM STDIN (FORMAT csv)").format(
+        statement = sql.SQL("COPY bare_copy ({}) FROM STDIN (FORMAT binary)").format(
             sql.SQL(", ").join(sql.Identifier(c) for c in columns)
         )
         with conn.cursor() as cursor, cursor.copy(statement) as out:
+            out.write(encoder.write_header())
             for table in tables:
                 for batch in table.to_batches(max_chunksize=_BATCH_ROWS):
-                    buffer = io.BytesIO()
-                    pacsv.write_csv(batch, buffer, options)
-                    out.write(buffer.getbuffer())
+                    out.write(encoder.write_batch(batch))
                     rows += batch.num_rows
+            out.write(encoder.finish())
         conn.commit()
     seconds = time.perf_counter() - started
     with psycopg.connect(dsn, autocommit=True) as conn:

@@ -25,7 +25,6 @@ indexes after its insert rather than updating them row by row (``_indexes_rebuil
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import sqlite3
@@ -42,8 +41,8 @@ import orjson
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import sqlalchemy as sa
+from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import sql as pgsql
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -74,7 +73,6 @@ _SQLITE_BUSY_SECONDS = 120.0
 _SQLITE_BEGIN_OPTION = "hermes_sqlite_begin"
 _SQLITE_BEGIN = {"write": "BEGIN IMMEDIATE", "read": "BEGIN"}
 
-_CSV_OPTIONS = pacsv.WriteOptions(include_header=False)
 _TEXT_BLANKS = pa.array([""], pa.string())
 _JSON_BLANKS = pa.array(["", "{}", "[]", "null"], pa.string())
 _NULL_TEXT = pa.scalar(None, pa.string())
@@ -598,50 +596,61 @@ def _bulk_insert(conn: Connection, table: sa.Table, data: pa.Table | Iterable[pa
 
 
 def _copy(conn: Connection, table: sa.Table, tables: Iterable[pa.Table]) -> None:
-    """One ``COPY`` of every row of ``tables``: each is sent to PostgreSQL by a thread while the
-    next one is made and formatted (one at a time, so at most two are held)."""
+    """One ``COPY`` of every row of ``tables`` in PostgreSQL's binary format: each table is sent
+    by a thread while the next one is made and encoded (one at a time, so at most two are held).
+
+    PostgreSQL reads binary rows in about half the time it parses the same rows as CSV (nothing
+    to unquote, no timestamp or date to parse), and pgpq encodes them from Arrow in Rust. Binary
+    rows carry no types: each value is read as its column's type, so every column is cast first
+    to the Arrow type whose encoding is that of its column (``_wire_schema``).
+    """
     tables = (rows for rows in tables if rows.num_rows)
     first = next(tables, None)
     if first is None:
         return
-    statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+    schema = _wire_schema(table, first.column_names)
+    statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
         pgsql.Identifier(table.name),
-        pgsql.SQL(", ").join(pgsql.Identifier(name) for name in first.column_names),
+        pgsql.SQL(", ").join(pgsql.Identifier(name) for name in schema.names),
     )
     tables = itertools.chain([first], tables)
-    del first  # each table is let go once formatted, the first one too
+    del first  # each table is let go once encoded, the first one too
+    encoder = ArrowToPostgresBinaryEncoder(schema)
     driver_connection = conn.connection.driver_connection
     with (
         driver_connection.cursor() as cursor,
         cursor.copy(statement) as copy,
         ThreadPoolExecutor(1, thread_name_prefix="copy") as sender,
     ):
+        copy.write(encoder.write_header())
         sending: Future[None] | None = None
         for rows in tables:
-            text = _csv(rows)
+            data = b"".join(encoder.write_batch(batch) for batch in rows.cast(schema).to_batches())
             del rows
             if sending is not None:
                 sending.result()
-                memory.give_back_free_pages()  # what formatting and sending the last one freed
-            sending = sender.submit(copy.write, text)
+                memory.give_back_free_pages()  # what encoding and sending the last one freed
+            sending = sender.submit(copy.write, data)
         if sending is not None:
             sending.result()
+        copy.write(encoder.finish())
 
 
-def _csv(data: pa.Table) -> memoryview:
-    """``data`` as PostgreSQL reads CSV: Arrow writes it in C++, and PostgreSQL reads an unquoted
-    empty field as NULL and a quoted one as '', which is exactly how Arrow writes nulls and empty
-    strings."""
-    for index, field in enumerate(data.schema):
-        if pa.types.is_timestamp(field.type):
-            # Arrow formats a zoned timestamp a hundred times slower than this text with offset.
-            text = pc.binary_join_element_wise(_utc_text(data.column(index)), "+00:00", "")
-            data = data.set_column(index, field.name, text)
-    # pyarrow writes a few kilobytes of garbage for an empty chunk: those are left out.
-    data = pa.Table.from_batches([b for b in data.to_batches() if b.num_rows], data.schema)
-    buffer = io.BytesIO()
-    pacsv.write_csv(data, buffer, _CSV_OPTIONS)
-    return buffer.getbuffer()
+# The Arrow type of each column type whose binary encoding (pgpq's) is the one PostgreSQL reads.
+_WIRE_TYPES: dict[type[sa.types.TypeEngine[Any]], pa.DataType] = {
+    sa.Text: pa.string(),
+    sa.Integer: pa.int32(),
+    sa.BigInteger: pa.int64(),
+    sa.Boolean: pa.bool_(),
+    sa.Date: pa.date32(),
+    UtcDateTime: pa.timestamp("us", tz="UTC"),
+}
+
+
+def _wire_schema(table: sa.Table, names: Sequence[str]) -> pa.Schema:
+    """The Arrow schema of ``table``'s columns ``names`` in the order given, as ``_copy`` sends
+    them."""
+    return pa.schema([pa.field(name, _WIRE_TYPES[type(table.c[name].type)]) for name in names])
 
 
 # An insert of more rows than its table holds: PostgreSQL builds the table's indexes again (a

@@ -649,6 +649,52 @@ def test_rows_in_tables_with_empty_chunks_are_stored_exactly(store: MasterDataSt
     ]
 
 
+def test_text_dates_and_instants_are_stored_exactly_whatever_characters_they_hold(
+    store: MasterDataStore,
+) -> None:
+    # What a text format for bulk loads would have to quote or escape: delimiters, quotes,
+    # backslashes, line breaks, tabs, the words and markers that mean NULL, and non-ASCII text.
+    awkward = [
+        'O\'Brien, "Bob"',
+        "back\\slash \\N \\.",
+        "line\nbreak\r\nand\ttab",
+        "NULL",
+        "ñandú 😀 עברית",
+        ",",
+    ]
+    given = [
+        client(
+            str(number),
+            f"{number}@example.cl",
+            number + 0.000001,  # instants with microseconds
+            first_name=text,
+            city=text,
+            custom_fields=f'{{"note": "{number}"}}',
+            birth_date=date(1950 + number, 12, 31),
+            accepts_marketing=number % 2 == 0,
+        )
+        for number, text in enumerate(awkward)
+    ]
+    record = '{"id": "bad", "email": "a,b\\n\\"c\\"", "name": "\\\\N"}'
+    rejected = rejected_table("bad").set_column(3, "record", pa.array([record], pa.string()))
+    store.load_partition(
+        integration="tienda_norte",
+        master_database=MASTER_DB,
+        partition_key="p1",
+        valid=clean_table(given),
+        rejected=rejected,
+    )
+
+    stored = sources(store)
+    for row in given:
+        source = stored[("tienda_norte", row["hermes_id"])]
+        for name in ("first_name", "city", "custom_fields", "birth_date", "accepts_marketing"):
+            assert source[name] == row[name], name
+        assert source["updated_at"] == row["updated_at"]
+        assert live_contacts(store)[row["email"]]["first_name"] == row["first_name"]
+    assert [row["record"] for row in rows(store, ms.rejected_clients)] == [record]
+
+
 def test_rejected_rows_of_a_partition_are_replaced_not_accumulated(
     store: MasterDataStore,
 ) -> None:
